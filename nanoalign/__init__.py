@@ -1,0 +1,1 @@
+"""nanoalign: the LLM alignment pipeline (pretrain, SFT, RM, PPO, DPO, GRPO) in plain PyTorch."""

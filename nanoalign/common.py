@@ -1,0 +1,332 @@
+"""
+Runtime plumbing shared by every stage, kept out of the stage files so they read as algorithms:
+config dataclass -> command line, DDP set-up, logging, checkpoints, learning-rate schedule, RNG state, stop signals.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------------------------------------- config -> CLI
+
+def _field_comments(cls) -> dict:
+    """The trailing `# comment` of each field in a config dataclass's source: they become the --help texts."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^=#]+=.*?#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def parse_config(cls, argv=None, doc: str | None = None):
+    """Build a config dataclass from `--field value` flags. Unknown flags and wrong types stop with the field
+    named (argparse); then the dataclass's own `validate()` (if any) rejects impossible values before any work."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        typ = {bool: _parse_bool, "bool": _parse_bool}.get(f.type, None)
+        if typ is None:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type if callable(f.type) else str)
+        if "None" in str(f.type):  # e.g. `str | None`: the string "none" means None
+            base = str(f.type).split("|")[0].strip()
+            conv = {"int": int, "float": float}.get(base, str)
+            typ = (lambda c: lambda s: None if s.lower() == "none" else c(s))(conv)
+        parser.add_argument(f"--{f.name}", f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=default,
+                            metavar=type(default).__name__ if default is not None else "X",
+                            help=f"{comments.get(f.name, '')} (default: {default})")
+    args = parser.parse_args(argv)
+    cfg = cls(**vars(args))
+    if hasattr(cfg, "validate"):
+        try:
+            cfg.validate()
+        except ValueError as e:
+            parser.error(str(e))
+    return cfg
+
+
+def check(cond: bool, field: str, msg: str):
+    """Config validation helper: raise ValueError('--field: msg') when cond is false."""
+    if not cond:
+        raise ValueError(f"--{field}: {msg}")
+
+
+def config_hash(cfg) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    master: bool = True
+    ddp: bool = False
+
+
+def init_dist(device: str = "auto") -> Dist:
+    """Single process, or one process per rank under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment).
+    NCCL on CUDA, gloo on CPU (so DDP is testable on a laptop)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist(device=device)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, local_rank, world, device, rank == 0, True)
+
+
+def cleanup_dist():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (identity without DDP). Used for global token counts and statistics."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers: what we save and what generation calls."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def autocast(device: str, dtype: str):
+    """bf16/fp16 autocast on CUDA (and CPU if asked); fp32 = no autocast."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+# ---------------------------------------------------------------------------------------------- optimisation
+
+def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-8, device="cpu"):
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on biases and LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.startswith("cuda")  # the fused CUDA kernel is faster; the CPU default (foreach) is fine
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int = 0, min_lr_frac: float = 0.1, schedule="cosine") -> float:
+    """Linear warmup, then cosine decay to min_lr_frac * lr (or linear to 0, as PPO implementations anneal)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return lr * (1 - frac)
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: consecutive slices of a stream of epochs, each epoch a permutation
+    seeded by (seed, epoch). Depends only on its arguments, so resume and DDP need no data-loader state."""
+    out, start = [], step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.extend(perm[offset:offset + global_batch - len(out)].tolist())
+    return out
+
+
+def rank_rows(rows: list, micro: int, d: "Dist", batch_size: int) -> list:
+    """This rank's micro-batch `micro` of a global batch laid out as [micro 0: rank 0, rank 1, ...][micro 1: ...]."""
+    first = (micro * d.world + d.rank) * batch_size
+    return rows[first:first + batch_size]
+
+
+# ---------------------------------------------------------------------------------------------- RNG + signals
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class StopSignal:
+    """SIGINT/SIGTERM only set a flag; the loop checks it at a step boundary, saves, and exits cleanly.
+    Under DDP the flag is all-reduced so every rank stops at the same step (no rank left waiting in a collective)."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.flag:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.flag = True
+        print(f"\n[nanoalign] signal {signum}: finishing this step, saving a checkpoint, then exiting", flush=True)
+
+    def should_stop(self) -> bool:
+        return bool(all_reduce_sum(torch.tensor([float(self.flag)])).item() > 0)
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+def run_info(cfg) -> dict:
+    """Everything needed to reproduce a run: command line, config, versions, git commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"argv": sys.argv, "config": dataclasses.asdict(cfg), "python": platform.python_version(),
+            "torch": torch.__version__, "git_commit": commit, "machine": machine_name(), "time": time.time()}
+
+
+def machine_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+class MetricsLog:
+    """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0 only); run.json records the run."""
+
+    def __init__(self, out_dir: str, cfg, master: bool = True, resume: bool = False):
+        self.master = master
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            if not resume and os.path.exists(self.path):
+                os.remove(self.path)
+            with open(os.path.join(out_dir, "run.json"), "w") as f:
+                json.dump(run_info(cfg), f, indent=1, default=str)
+
+    def log(self, **metrics):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: str, **state):
+    """Atomic: write a temp file in the same directory, then rename over the target. A crash mid-write leaves the
+    previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_checkpoint(path: str, stages=None, tokenizer: str | None = None, map_location="cpu") -> dict:
+    """Load a checkpoint and check its lineage: the stage that wrote it (e.g. a policy where a policy is expected)
+    and the tokenizer identity."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if stages is not None and ckpt.get("stage") not in stages:
+        raise CheckpointError(f"{path}: is a '{ckpt.get('stage')}' checkpoint, expected one of {list(stages)}")
+    if tokenizer is not None and ckpt.get("tokenizer") != tokenizer:
+        raise CheckpointError(f"{path}: trained with tokenizer {ckpt.get('tokenizer')}, but {tokenizer} is in use")
+    return ckpt
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def gather_rng_states(d: Dist) -> list:
+    """Every rank's RNG state (rank 0 saves them all, so a resumed DDP run continues each rank's stream)."""
+    states = [None] * d.world
+    if d.ddp:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    return states
+
+
+def restore(ckpt: dict, model, optimizer, d: Dist) -> int:
+    """Load weights, optimizer and this rank's RNG state from a checkpoint; return the step to continue from."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"][min(d.rank, len(ckpt["rng"]) - 1)])
+    return ckpt["step"]
+
+
+def model_state(model) -> dict:
+    """The state dict of the unwrapped model (no 'module.' or '_orig_mod.' prefixes)."""
+    return unwrap(model).state_dict()
+
+
+def build_model(ckpt: dict, device="cpu"):
+    """Rebuild the GPT (with its scalar head, if it had one) from a checkpoint dict."""
+    from nanoalign.model import GPT, GPTConfig
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ckpt["model"].items()}
+    if any(k.startswith("scalar_head.") for k in sd):
+        model.add_scalar_head()
+    model.load_state_dict(sd)
+    return model.to(device)

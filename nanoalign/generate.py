@@ -1,0 +1,104 @@
+"""
+Batched sampling with the KV cache, and log-probabilities of given tokens: the one "forward contract" every stage uses.
+
+Layout of a generated batch (B rows, P = longest prompt, N = new tokens):
+
+    [pad pad p0 p1 p2 | r0 r1 <|end|> pad pad]      prompts left-padded to P, responses right-padded after <|end|>
+     <------ P ------>  <-------- N --------->
+
+The logits at position P-1+t score response token t (Ziegler et al. 2019; correctness.md A2). Every log-prob used in
+RL is computed from logits / temperature, the same temperature the sampler used (Huang et al. 2024, policy detail 1).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from nanoalign.model import GPT, KVCache
+
+
+def pad_left(prompts: list[list[int]], pad_id: int, device="cpu"):
+    """(B, P) token ids and (B, P) bool mask with each prompt flush right."""
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = True
+    return tokens.to(device), mask.to(device)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row from logits (B, V). temperature 0 = greedy. RL uses pure ancestral sampling (top_k=0,
+    top_p=1): any truncation makes the sampled distribution differ from the one PPO's log-probs describe."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, end_id: int, pad_id: int,
+             temperature=1.0, top_k=0, top_p=1.0, generator=None, use_cache=True):
+    """Sample continuations of a batch of prompts until every row has emitted `end_id` or max_new_tokens.
+
+    Returns (tokens (B, P+N), pad_mask (B, P+N), P). After a row's end token every token is pad (mask False).
+    No collective ops inside: under DDP each rank generates on its own (pass the unwrapped model).
+    """
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    tokens, mask = pad_left(prompts, pad_id, device)
+    B, P = tokens.shape
+    max_new_tokens = min(max_new_tokens, model.config.block_size - P)
+    assert max_new_tokens > 0, f"prompt of {P} tokens leaves no room in block_size {model.config.block_size}"
+    cache = KVCache(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype) if use_cache else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_input = tokens
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits = model(next_input, pad_mask=mask, cache=cache)[:, -1]  # (B, V) only the new slot is computed
+        else:
+            logits = model(tokens, pad_mask=mask)[:, -1]  # recompute the whole prefix: the slow reference path
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        mask = torch.cat([mask, ~done[:, None]], 1)
+        done = done | (nxt == end_id)
+        next_input = nxt[:, None]
+        if done.all():
+            break
+    model.train(was_training)
+    return tokens, mask, P
+
+
+def logprobs_from_logits(logits, labels):
+    """log softmax(logits)[label], in fp32 (bf16 log-softmax makes PPO ratios and KL noisy). (B, T, V) -> (B, T)."""
+    return torch.gather(F.log_softmax(logits.float(), -1), 2, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits):
+    """-sum p log p = logsumexp(z) - sum softmax(z) z, per position. (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+
+
+def response_logprobs(logits, tokens, start: int, temperature=1.0):
+    """Log-probs of tokens[:, start:] under logits (B, T, V) of the full sequence: logits at start-1+t score token
+    start+t. Returns (B, T-start)."""
+    return logprobs_from_logits(logits[:, start - 1:-1] / temperature, tokens[:, start:])
+
+
+def last_true(mask):
+    """Index of the last True in each row of a (B, T) bool mask: the last real token of a padded sequence."""
+    T = mask.size(1)
+    idx = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask, idx, -1).max(1).values  # (B,)

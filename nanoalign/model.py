@@ -1,0 +1,278 @@
+"""
+The GPT: a GPT-2-style decoder, with the three things alignment needs on top of nanoGPT's model.
+
+1. Left padding that is exactly right. Batched generation pads prompts on the left, so every forward takes an
+   optional `pad_mask` (B, T) (True = real token) from which it builds
+     - position ids = (number of real tokens before this one), so the first real token is position 0 however much
+       padding precedes it (Huang et al. 2024, "N implementation details", detail 3), and
+     - an attention mask: causal AND key is real, plus every query attends to itself, so a pad query never has an
+       empty row (an all-masked row is 0/0 = NaN on some SDPA backends; PyTorch issue #103749).
+2. A key/value cache for incremental decoding (`KVCache`): keys and values are stored at their absolute slot, and
+   the pad mask of the whole sequence so far keeps the prompt's pads masked at every decoding step.
+3. A scalar head for reward models and PPO's value function, on the same trunk (`output="scalar"` or `"both"`).
+
+Shape legend: B batch, T time (tokens in this call), S cached + new tokens, C n_embd, V vocab, nh heads, hs = C/nh.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128   # longest sequence (prompt + response) the model sees
+    vocab_size: int = 512   # including special tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0    # used in pretraining/SFT only; RM, PPO and DPO switch it off (see set_dropout)
+    bias: bool = True       # biases in Linear and LayerNorm, as in GPT-2
+
+
+class KVCache:
+    """Per-layer keys/values for incremental decoding. Slots are absolute: row b's token at slot s is at k[:, :, s]."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        hs = cfg.n_embd // cfg.n_head
+        shape = (batch_size, cfg.n_head, max_len, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.len = 0  # slots filled so far; advanced by GPT.forward after all layers have written
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.size(2)
+        self.k[layer][:, :, self.len:self.len + T] = k
+        self.v[layer][:, :, self.len:self.len + T] = v
+        return self.k[layer][:, :, :self.len + T], self.v[layer][:, :, :self.len + T]  # (B, nh, S, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+
+    def forward(self, x, attn_mask, cache, layer):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, S, hs)
+        p = self.dropout if self.training else 0.0
+        if attn_mask is None:  # no padding and no cache: the fast fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2 uses the tanh GELU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask, cache, layer):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)  # pre-LayerNorm residual blocks (GPT-2)
+        return x + self.mlp(self.ln_2(x))
+
+
+def positions_and_mask(pad_mask, T: int, past: int):
+    """Position ids (B, T) and boolean attention mask (B, 1, T, S) for the last T of S = past + T tokens.
+
+    pad_mask: (B, S) bool, True where the token is real. Position = exclusive cumulative count of real tokens, so
+    left padding does not shift positions; pads get position 0 (never read).
+    """
+    S = pad_mask.size(1)
+    pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
+    q_slot = torch.arange(past, S, device=pad_mask.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=pad_mask.device)[None, :]  # (1, S)
+    causal = k_slot <= q_slot  # (T, S)
+    mask = causal[None] & pad_mask[:, None, :]  # (B, T, S): causal and the key is a real token
+    mask = mask | (k_slot == q_slot)[None]  # every query sees itself: no all-masked row, so no NaN for pad queries
+    return pos, mask[:, None]  # (B, T), (B, 1, T, S)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2; Press & Wolf 2017)
+        self.scalar_head = None  # added by add_scalar_head() for reward models and PPO's value function
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def add_scalar_head(self, init: str = "reward"):
+        """A Linear(C, 1) read on the trunk's last hidden state.
+
+        init="reward": N(0, 1/sqrt(C+1)), bias 0 (Ziegler et al. 2019 code; Huang et al. 2024).
+        init="zero": all zeros, so a fresh value head predicts 0 and cannot disturb the shared trunk early on
+        (Ziegler et al. 2019 zero-initialise the value head).
+        """
+        head = nn.Linear(self.config.n_embd, 1, bias=True)
+        nn.init.zeros_(head.bias)
+        if init == "zero":
+            nn.init.zeros_(head.weight)
+        else:
+            nn.init.normal_(head.weight, std=1 / math.sqrt(self.config.n_embd + 1))
+        self.scalar_head = head.to(self.lm_head.weight.device)
+        return self
+
+    def forward(self, idx, pad_mask=None, cache: KVCache | None = None, output: str = "logits"):
+        """idx (B, T) token ids; pad_mask (B, S) with S = cached + T tokens (None = no padding anywhere).
+
+        output: "logits" -> (B, T, V); "scalar" -> (B, T); "both" -> ((B, T, V), (B, T)).
+        """
+        B, T = idx.shape
+        past = cache.len if cache is not None else 0
+        assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
+        if pad_mask is None and cache is None:
+            pos, attn_mask = torch.arange(T, device=idx.device)[None], None  # plain causal: the fast kernel
+        else:
+            if pad_mask is None:
+                pad_mask = torch.ones(B, past + T, dtype=torch.bool, device=idx.device)
+            pos, attn_mask = positions_and_mask(pad_mask, T, past)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, cache, i)
+        if cache is not None:
+            cache.len += T
+        h = self.transformer.ln_f(x)  # (B, T, C)
+        if output == "logits":
+            return self.lm_head(h)  # (B, T, V)
+        scalar = self.scalar_head(h).squeeze(-1)  # (B, T)
+        return scalar if output == "scalar" else (self.lm_head(h), scalar)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, T: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the matmuls (forward 2N + backward 4N) plus 12*L*C*T for attention
+        (Kaplan et al. 2020; PaLM appendix B), the formula nanoGPT's estimate_mfu uses."""
+        cfg, T = self.config, T or self.config.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+
+def set_dropout(model: nn.Module, p: float = 0.0):
+    """RM, PPO and DPO run with dropout off: with it on, PPO's ratio is not 1 before any update (Ziegler et al.)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    return model
+
+
+def model_config_dict(model: GPT) -> dict:
+    return asdict(model.config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPT-2 weights from a local Hugging Face checkpoint (pytorch_model.bin or model.safetensors), no download.
+
+def read_safetensors(path: str) -> dict:
+    """Minimal reader of the safetensors format: 8-byte little-endian header length, a JSON header, raw tensors."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+              "U8": torch.uint8, "BOOL": torch.bool}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, numel = dtypes[meta["dtype"]], math.prod(meta["shape"])
+        t = torch.frombuffer(data, dtype=dtype, count=numel, offset=meta["data_offsets"][0]) if numel else \
+            torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(meta["shape"]).clone()
+    return out
+
+
+def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | None = None) -> GPT:
+    """Build our GPT from a Hugging Face GPT-2 state dict (with or without the "transformer." prefix).
+    n_head is not in the weights: pass it (config.json's "n_head"), else GPT-2's sizes imply it (64-dim heads)."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()
+          if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # legacy causal-mask buffers, not weights
+    sd.pop("lm_head.weight", None)  # tied to wte: may be absent, and is the same tensor when present
+    n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
+    vocab, n_embd = sd["wte.weight"].shape
+    n_pos = sd["wpe.weight"].shape[0]
+    n_head = n_head or max(1, n_embd // 64)  # 12, 16, 20, 25 heads for GPT-2 small, medium, large, xl
+    cfg = GPTConfig(block_size=block_size or n_pos, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                    n_embd=n_embd, dropout=0.0, bias=True)
+    assert cfg.block_size <= n_pos, f"block_size {cfg.block_size} > the checkpoint's {n_pos} positions"
+    model = GPT(cfg)
+    ours = model.state_dict()
+    # HF's GPT-2 uses Conv1D layers that store weights as (in, out); nn.Linear stores (out, in): transpose them.
+    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    for k, v in sd.items():
+        key = "transformer." + k
+        assert key in ours, f"unexpected key in GPT-2 checkpoint: {k}"
+        if k.endswith(transposed):
+            v = v.t()
+        if k == "wpe.weight":
+            v = v[:cfg.block_size]
+        assert v.shape == ours[key].shape, f"{k}: checkpoint shape {tuple(v.shape)} != model {tuple(ours[key].shape)}"
+        with torch.no_grad():
+            ours[key].copy_(v)
+    missing = set(ours) - {"transformer." + k for k in sd} - {"lm_head.weight"}
+    assert not missing, f"GPT-2 checkpoint lacks {sorted(missing)}"
+    return model
+
+
+def load_gpt2(path: str, block_size: int | None = None, n_head: int | None = None) -> GPT:
+    """path: a pytorch_model.bin, a model.safetensors, or a directory holding one of them (and config.json)."""
+    if os.path.isdir(path):
+        if n_head is None and os.path.exists(os.path.join(path, "config.json")):
+            with open(os.path.join(path, "config.json")) as f:
+                n_head = json.load(f).get("n_head")
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+    sd = read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                                  weights_only=True)
+    return gpt2_from_state_dict(sd, block_size, n_head)

@@ -1,0 +1,168 @@
+"""
+Shared RL plumbing for the reward model, PPO, GRPO/RLOO, online DPO and evaluation: masked statistics, the KL
+estimators, reward-model scoring at the last real token, and a rollout (sample, then score under one forward contract).
+
+Masks are bool tensors, True where a token counts. Every token reduction goes through masked_mean / masked_sum.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoalign.common import all_reduce_sum
+from nanoalign.generate import generate, last_true, response_logprobs
+from nanoalign.tokenizer import render_chat
+
+
+def masked_sum(x, mask, dim=None):
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x, mask, dim=None):
+    return masked_sum(x, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8, global_stats=True):
+    """(x - mean) / std over the masked entries only, with the biased variance (TF's moments, as the references use;
+    Huang et al. 2024, "TensorFlow vs PyTorch"). global_stats: under DDP the mean and variance are computed over every
+    rank's tokens (all-reduce of sum, sum of squares, count), so 2 ranks whiten exactly as one process would."""
+    mask = mask.to(x.dtype)
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()])
+    if global_stats:
+        stats = all_reduce_sum(stats)
+    total, total_sq, n = stats
+    mean = total / n
+    var = total_sq / n - mean * mean
+    whitened = (x - mean) * torch.rsqrt(var.clamp(min=0) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_estimates(logp, ref_logp):
+    """Per-token estimators of KL(pi || pi_ref) on tokens sampled from pi (Schulman 2020, "Approximating KL"):
+    k1 = log pi - log pi_ref (unbiased, can be negative), k2 = (log r)^2 / 2, k3 = (r - 1) - log r with
+    r = pi_ref / pi (unbiased and >= 0)."""
+    log_ratio = logp - ref_logp
+    k1 = log_ratio
+    k2 = 0.5 * log_ratio ** 2
+    k3 = torch.expm1(-log_ratio) + log_ratio
+    return k1, k2, k3
+
+
+@torch.no_grad()
+def score_last_token(reward_model, tokens, pad_mask, offset: float = 0.0):
+    """The reward model's scalar at each row's last real token (the <|end|>, or the last token if it never ended),
+    minus the normalisation offset. Padding anywhere (left or right) is never read. (B, T) -> (B,)"""
+    scores = reward_model(tokens, pad_mask=pad_mask, output="scalar")  # (B, T)
+    return scores.gather(1, last_true(pad_mask)[:, None]).squeeze(1).float() - offset
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and everything computed from them before the update (all detached)."""
+    tokens: torch.Tensor  # (B, P+N) left-padded prompt + right-padded response
+    pad_mask: torch.Tensor  # (B, P+N) True at real tokens
+    P: int  # prompt width: response token t sits at column P + t
+    response_mask: torch.Tensor  # (B, N) True for response tokens up to and including <|end|>
+    ended: torch.Tensor  # (B,) True when the response emitted <|end|>
+    logprobs: torch.Tensor  # (B, N) policy log-probs at the sampling temperature
+    ref_logprobs: torch.Tensor  # (B, N) reference log-probs at the sampling temperature
+    values: torch.Tensor | None  # (B, N) value estimates (PPO only)
+    scores: torch.Tensor  # (B,) reward of each response (RM at the last real token, or a verifiable reward)
+
+
+@torch.no_grad()
+def rollout(policy, ref, prompts, end_id, pad_id, max_new_tokens, temperature, generator=None, with_values=False):
+    """Sample responses with the KV cache, then recompute the policy's log-probs (and values) with the training
+    forward on the same padded tensors, so PPO's first ratio is exactly 1 (correctness.md section 5, decision 3)."""
+    tokens, pad_mask, P = generate(policy, prompts, max_new_tokens, end_id, pad_id, temperature,
+                                   generator=generator)
+    response = tokens[:, P:]
+    response_mask = pad_mask[:, P:]
+    ended = (response == end_id).any(1)
+    policy.eval()
+    if with_values:
+        logits, values = policy(tokens, pad_mask=pad_mask, output="both")
+        values = values[:, P - 1:-1].float()  # V(s_t) read at the state that predicts response token t
+    else:
+        logits, values = policy(tokens, pad_mask=pad_mask), None
+    logprobs = response_logprobs(logits, tokens, P, temperature)
+    ref_logprobs = response_logprobs(ref(tokens, pad_mask=pad_mask), tokens, P, temperature)
+    return Rollout(tokens, pad_mask, P, response_mask, ended, logprobs, ref_logprobs, values,
+                   scores=torch.zeros(tokens.size(0), device=tokens.device))
+
+
+def load_reward_model(path: str, device="cpu"):
+    """(frozen reward model, normalisation offset) from an RM-stage checkpoint."""
+    from nanoalign.common import build_model, load_checkpoint
+    ckpt = load_checkpoint(path, stages=["rm"])
+    model = build_model(ckpt, device).eval().requires_grad_(False)
+    return model, float(ckpt.get("reward_offset") or 0.0)
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The text a judge sees as the prompt: the last user turn."""
+    return [m["content"] for m in messages if m["role"] == "user"][-1]
+
+
+@torch.no_grad()
+def rollout_pairs(policy, tok, prompts: list[list[dict]], max_new_tokens, temperature, generator, max_len,
+                  rm=None, judge=None):
+    """Online preference data: two samples per prompt from `policy`, the higher-scored one is "chosen". Scored by the
+    reward model `rm` = (model, offset), or by `judge(prompt_texts, response_texts) -> scores`. Ties are dropped.
+    Returns [(prompt_ids, chosen_ids, rejected_ids)] in the layout tokenize_pref produces."""
+    ids = [render_chat(tok, m, add_generation_prompt=True)[0][-(max_len - max_new_tokens):] for m in prompts]
+    tokens, mask, P = generate(policy, ids + ids, max_new_tokens, tok.end_id, tok.pad_id, temperature,
+                               generator=generator)
+    responses = [row[P:][m[P:]].tolist() for row, m in zip(tokens, mask)]
+    if rm is not None:
+        scores = score_last_token(rm[0], tokens, mask, rm[1]).tolist()
+    else:
+        scores = judge([prompt_text(m) for m in prompts] * 2, response_texts(tok, tokens, mask, P))
+    n, pairs = len(prompts), []
+    for i in range(n):
+        a, b, sa, sb = responses[i], responses[n + i], scores[i], scores[n + i]
+        if a != b and sa != sb:
+            pairs.append((ids[i], a, b) if sa > sb else (ids[i], b, a))
+    return pairs
+
+
+def response_texts(tok, tokens, pad_mask, P: int) -> list[str]:
+    """Decoded responses without padding and without the closing <|end|>."""
+    return [tok.decode([t for t in row[P:][m[P:]].tolist() if t != tok.end_id]) for row, m in zip(tokens, pad_mask)]
+
+
+def make_scorer(spec: str, reward_model_path: str | None, tok, device):
+    """A reward source for RL: score(prompts: list of message lists, ro: Rollout, answers=None) -> (B,) tensor.
+
+    "rm": the learned reward model at the last real token (minus its offset); "verifiable": 1 if the response gives
+    the problem's exact answer, else 0 (the world's checker; needs answers); "gold": the built-in world's judge (an
+    oracle: a ceiling, never evidence that a method works); "module:function": your own
+    function(prompts: list[str], responses: list[str]) -> list[float].
+    """
+    if spec == "rm":
+        rm, offset = load_reward_model(reward_model_path, device)
+        return lambda prompts, ro, answers=None: score_last_token(rm, ro.tokens, ro.pad_mask, offset)
+    if spec == "verifiable":
+        from nanoalign.world import verifiable_reward
+        fn = None
+    elif spec == "gold":
+        from nanoalign.world import gold_scores as fn
+    else:
+        import importlib
+        module, _, name = spec.partition(":")
+        if not name:
+            raise ValueError(f"--reward {spec!r}: expected 'rm', 'verifiable', 'gold' or 'module:function'")
+        fn = getattr(importlib.import_module(module), name)
+
+    def score(prompts, ro, answers=None):
+        texts = response_texts(tok, ro.tokens, ro.pad_mask, ro.P)
+        questions = [prompt_text(m) for m in prompts]
+        if fn is None:
+            values = [verifiable_reward(q, t, a) for q, t, a in zip(questions, texts, answers)]
+        else:
+            values = fn(questions, texts)
+        assert len(values) == len(texts), f"reward function returned {len(values)} scores for {len(texts)} responses"
+        return torch.tensor([float(v) for v in values], device=ro.tokens.device)
+    return score

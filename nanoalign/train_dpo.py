@@ -1,0 +1,263 @@
+"""
+Stage 5: direct preference optimisation (Rafailov et al. 2023). No reward model and no sampling: with
+h = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)] (sequence log-probs, sums over the
+response tokens),
+
+    DPO (eq. 7):                    L = -log sigmoid(beta * h)
+    conservative DPO (cDPO):        L = -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
+        (label smoothing: the labels are assumed flipped with probability eps, as our simulated annotators do;
+         Mitchell 2023, "A note on DPO with noisy preferences")
+    IPO (Azar et al. 2023, eq. 17): L = (h - 1 / (2 * beta))^2
+    reference-free:                 the reference log-ratio is taken to be 0
+
+The implicit reward of a response is beta * (log pi - log pi_ref) (DPO section 5). Chosen and rejected run through one
+concatenated forward; the reference model's log-probs are computed once per pair under no_grad and memoised.
+
+Online (iterative) DPO (--online_rounds R): after the offline pass, R rounds of fresh feedback on the model's own
+outputs: sample two responses per prompt from the current policy, label them with the reward model (or the gold judge,
+--online_judge gold), train one pass on the new pairs, and optionally move the reference to the current policy.
+
+    python -m nanoalign.train_dpo --init out/tiny/sft/ckpt.pt --data data/world/prefs_train.jsonl
+    torchrun --standalone --nproc_per_node=2 nanoalign/train_dpo.py --init out/tiny/sft/ckpt.pt
+"""
+
+import copy
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanoalign import common
+from nanoalign.data import load_prefs, load_prompts, pad, tokenize_pref
+from nanoalign.model import set_dropout
+from nanoalign.rl import load_reward_model, rollout_pairs
+from nanoalign.tokenizer import load_tokenizer, render_chat
+
+
+@dataclass
+class DPOConfig:
+    out_dir: str = "out/tiny/dpo"  # checkpoint, metrics.jsonl and run.json go here
+    init: str = "out/tiny/sft/ckpt.pt"  # the SFT checkpoint: both the starting policy and the reference
+    data: str = "data/world/prefs_train.jsonl"  # JSONL pairs: {prompt, chosen, rejected} or Anthropic HH
+    val_data: str = "data/world/prefs_val.jsonl"  # held-out pairs
+    skip_bad: bool = False  # skip (and count) malformed records instead of stopping at the first one
+    max_len: int = 0  # truncate prompt + response to this many tokens (0 = block_size)
+    beta: float = 0.1  # KL strength: small beta lets the policy move far from the reference
+    label_smoothing: float = 0.0  # cDPO: assumed label-flip rate eps in [0, 0.5)
+    ipo: bool = False  # use the IPO loss instead of the logistic one
+    reference_free: bool = False  # ignore the reference model (log-ratio of the reference = 0)
+    batch_size: int = 32  # pairs per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0  # passes over the offline pairs
+    lr: float = 1e-4  # peak learning rate (tiny models need far more than the paper's 1e-6)
+    warmup: int = 10  # linear warmup steps
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    eval_interval: int = 100  # steps between validation passes and checkpoints
+    online_rounds: int = 0  # rounds of online DPO after the offline pass (0 = offline only)
+    online_prompts: str = "data/world/prompts_rl.jsonl"  # prompts sampled in each online round
+    online_pairs: int = 512  # prompts (= new pairs) per round
+    online_judge: str = "rm"  # who labels the online pairs: "rm" (needs --reward_model) or "gold" (oracle)
+    reward_model: str = "out/tiny/rm/ckpt.pt"  # the reward model for online labelling
+    online_update_ref: bool = False  # move the reference to the current policy at the start of each round
+    temperature: float = 1.0  # sampling temperature of the online responses
+    max_new_tokens: int = 80  # response length limit in online rounds
+    seed: int = 0  # data order and sampling
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped (offline pass)
+    stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
+
+    def validate(self):
+        common.check(self.beta > 0, "beta", "must be > 0")
+        common.check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        common.check(self.epochs >= 0, "epochs", "must be >= 0")
+        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
+        common.check(self.online_judge in ("rm", "gold"), "online_judge", "must be 'rm' or 'gold'")
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             label_smoothing: float = 0.0, ipo: bool = False, reference_free: bool = False):
+    """Per-pair losses and implicit rewards. All inputs (B,) sequence log-probs. Returns (losses, chosen_rewards,
+    rejected_rewards), rewards detached."""
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = 0 if reference_free else ref_chosen_logps - ref_rejected_logps
+    h = pi_logratios - ref_logratios
+    if ipo:
+        losses = (h - 1 / (2 * beta)) ** 2  # Azar et al. 2023, eq. 17 (beta plays tau)
+    else:  # eps = 0 is DPO's eq. 7; eps > 0 is the conservative (label-smoothed) form
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sequence_logps(logits, labels):
+    """Sum of log p(label) over the response tokens (labels != -100), shifted by one. (B, T, V), (B, T) -> (B,)"""
+    labels = labels[:, 1:]
+    mask = labels != -100
+    logp = torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
+def concatenated_batch(pairs, pad_id, device):
+    """[prompt+chosen for every pair; prompt+rejected for every pair], right-padded: tokens, labels, pad_mask (2B, T).
+    Labels are -100 on the prompt and padding, so only response tokens (and their <|end|>) are scored."""
+    seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    prompts = [p for p, _, _ in pairs] * 2
+    tokens = pad(seqs, pad_id)
+    labels = pad([[-100] * len(p) + s[len(p):] for p, s in zip(prompts, seqs)], -100)
+    mask = pad([[1] * len(s) for s in seqs], 0).bool()
+    return tokens.to(device), labels.to(device), mask.to(device)
+
+
+def concatenated_logps(model, pairs, pad_id, device):
+    tokens, labels, mask = concatenated_batch(pairs, pad_id, device)
+    logps = sequence_logps(model(tokens, pad_mask=mask), labels)  # (2B,)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
+def train(cfg: DPOConfig):
+    d = common.init_dist(cfg.device)
+    common.set_seed(cfg.seed)
+    parent = common.load_checkpoint(cfg.init, stages=["sft", "dpo", "ppo", "grpo"])
+    tok = load_tokenizer(parent["tokenizer_path"])
+    policy = set_dropout(common.build_model(parent, d.device), 0.0)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    max_len = cfg.max_len or policy.config.block_size
+    common.check(max_len <= policy.config.block_size, "max_len", f"{max_len} > the model's block_size")
+    train_set = [tokenize_pref(tok, ex, max_len) for ex in load_prefs(cfg.data, cfg.skip_bad)] if cfg.epochs else []
+    val_set = [tokenize_pref(tok, ex, max_len) for ex in load_prefs(cfg.val_data, cfg.skip_bad)] if cfg.val_data else []
+
+    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, device=d.device)
+    raw_policy, step, ckpt_path = policy, 0, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        step = common.restore(common.load_checkpoint(ckpt_path, stages=["dpo"], tokenizer=tok.name), policy, optimizer, d)
+    if d.ddp:
+        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if "cuda" in d.device else None)
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
+    stop = common.StopSignal()
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    ref_memo = {}  # (round, pair index) -> reference log-probs: the reference is frozen, compute each pair once
+
+    def ref_logps(key, pairs):
+        todo = [i for i, k in enumerate(key) if k not in ref_memo]
+        if todo:
+            with torch.no_grad():
+                c, r = concatenated_logps(ref, [pairs[i] for i in todo], tok.pad_id, d.device)
+            for j, i in enumerate(todo):
+                ref_memo[key[i]] = (c[j], r[j])
+        return torch.stack([ref_memo[k][0] for k in key]), torch.stack([ref_memo[k][1] for k in key])
+
+    def save():
+        rngs = common.gather_rng_states(d)
+        if d.master:
+            common.save_checkpoint(ckpt_path, stage="dpo", model=common.model_state(raw_policy),
+                                   model_config=asdict(raw_policy.config), optimizer=optimizer.state_dict(),
+                                   step=step, config=asdict(cfg), tokenizer=tok.name,
+                                   tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init), rng=rngs)
+
+    @torch.no_grad()
+    def validate():
+        raw_policy.eval()
+        acc, margin = [], []
+        for i in range(0, len(val_set), 64):
+            pairs = val_set[i:i + 64]
+            pc, pr = concatenated_logps(raw_policy, pairs, tok.pad_id, d.device)
+            rc, rr = ref_logps([("val", i + j) for j in range(len(pairs))], pairs)
+            _, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta)
+            acc.append((cr > rj).float())
+            margin.append(cr - rj)
+        raw_policy.train()
+        return {"val_accuracy": torch.cat(acc).mean().item(), "val_margin": torch.cat(margin).mean().item()}
+
+    def run_pass(pairs, tag: str, n_steps: int, seed: int, local: bool):
+        """n_steps optimizer steps of the DPO loss over `pairs`. The offline pass slices one global batch across ranks
+        (so 2 ranks = 1 process); in online rounds each rank trains on the pairs it sampled itself (local=True)."""
+        nonlocal step
+        first = step
+        per_rank = cfg.batch_size * cfg.grad_accum
+        bar = tqdm(total=n_steps, disable=not d.master, desc=f"dpo {tag}", dynamic_ncols=True)
+        t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else first + n_steps
+        while step < min(first + n_steps, last):
+            lr = common.lr_at(step - first, n_steps, cfg.lr, cfg.warmup, schedule="linear")
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = common.batch_indices(len(pairs), step - first, per_rank if local else global_batch, seed)
+            stats = torch.zeros(6)
+            for micro in range(cfg.grad_accum):
+                rows = idx[micro * cfg.batch_size:(micro + 1) * cfg.batch_size] if local else \
+                    common.rank_rows(idx, micro, d, cfg.batch_size)
+                batch = [pairs[i] for i in rows]
+                rc, rr = ref_logps([(tag, i) for i in rows], batch)
+                sync = micro == cfg.grad_accum - 1
+                with (policy.no_sync() if d.ddp and not sync else common.nullcontext()), \
+                        common.autocast(d.device, cfg.dtype):
+                    pc, pr = concatenated_logps(policy, batch, tok.pad_id, d.device)
+                    losses, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing, cfg.ipo,
+                                              cfg.reference_free)
+                (losses.mean() / cfg.grad_accum).backward()  # equal pairs per micro-batch and rank: mean of means
+                stats += torch.tensor([losses.mean().item(), cr.mean().item(), rj.mean().item(),
+                                       (cr > rj).float().mean().item(), pc.mean().item(), pr.mean().item()])
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            s = (common.all_reduce_sum(stats) / (d.world * cfg.grad_accum)).tolist()
+            dt, t0 = time.time() - t0, time.time()
+            row = {"step": step, "phase": tag, "loss": s[0], "rewards/chosen": s[1], "rewards/rejected": s[2],
+                   "rewards/accuracies": s[3], "rewards/margins": s[1] - s[2], "logps/chosen": s[4],
+                   "logps/rejected": s[5], "lr": lr, "pairs_per_s": global_batch / dt}
+            bar.update(1)
+            bar.set_postfix(loss=f"{s[0]:.3f}", margin=f"{s[1] - s[2]:.2f}")
+            if val_set and (step % cfg.eval_interval == 0 or step == first + n_steps):
+                row.update(validate())
+                save()
+            log.log(**row)
+            if stop.should_stop():
+                break
+        bar.close()
+        return step == first + n_steps
+
+    offline_steps = int(cfg.epochs * len(train_set) / global_batch) if train_set else 0
+    # on --resume the offline pass continues from the saved step (online rounds are not resumable mid-way)
+    finished = run_pass(train_set, "offline", offline_steps - step, cfg.seed, local=False) if offline_steps > step \
+        else True
+    for rnd in range(cfg.online_rounds if finished else 0):
+        pairs = online_pairs(cfg, d, tok, raw_policy, rnd, max_len)
+        if cfg.online_update_ref:  # iterative DPO: the policy of the last round becomes the new reference
+            ref.load_state_dict(raw_policy.state_dict())
+            ref_memo.clear()
+        if not run_pass(pairs, f"online{rnd}", max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum)),
+                        cfg.seed + 1 + rnd, local=True):
+            break
+    save()
+    common.cleanup_dist()
+    return raw_policy
+
+
+def online_pairs(cfg, d, tok, policy, rnd, max_len):
+    """This rank's fresh pairs for round `rnd`: two samples per prompt from the current policy, ranked by the judge."""
+    from nanoalign.world import gold_scores  # the built-in world's judge; only needed with --online_judge gold
+    prompts = load_prompts(cfg.online_prompts)
+    rm = load_reward_model(cfg.reward_model, d.device) if cfg.online_judge == "rm" else None
+    start = (rnd * d.world + d.rank) * cfg.online_pairs
+    chunk = [prompts[(start + i) % len(prompts)] for i in range(cfg.online_pairs)]
+    g = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + rnd * 1009 + d.rank)  # per-rank sampling
+    return rollout_pairs(policy, tok, chunk, cfg.max_new_tokens, cfg.temperature, g, max_len,
+                         rm=rm, judge=None if rm else gold_scores)
+
+
+def main(argv=None):
+    return train(common.parse_config(DPOConfig, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""
+Critic-free RL: GRPO (Shao et al. 2024, DeepSeekMath section 4.1) and RLOO (Ahmadian et al. 2024, "Back to Basics").
+No value head: sample G responses per prompt and use the group itself as the baseline. With sequence rewards
+R_i = score_i - beta * sum_t (log pi - log pi_ref)(y_i,t)   (the same detached k1 penalty as PPO, folded into R_i),
+
+    GRPO:  A_i = (R_i - mean_j R_j) / (std_j R_j + eps)        (--scale_by_std false: "Dr. GRPO", Liu et al. 2025)
+    RLOO:  A_i = R_i - mean_{j != i} R_j                        (= G/(G-1) (R_i - mean_j R_j))
+
+and every token of response i gets A_i. The loss is PPO's clipped surrogate on per-token ratios, so PPO and GRPO
+differ only in the advantage estimator (a controlled comparison). Options from the follow-up literature:
+  --loss_norm token: sum over all tokens of the batch / number of tokens (DAPO, Yu et al. 2025; no length bias);
+  --loss_norm sequence: mean over responses of each response's token mean (the GRPO paper's 1/|o_i|);
+  --drop_equal_groups: skip groups whose rewards are all equal, they carry no gradient (DAPO's dynamic sampling);
+  --kl_in_loss: the GRPO paper's k3 estimator inside the loss instead of the k1 penalty in the reward. Beware: on
+    samples from pi its gradient is that of KL(pi_ref || pi), not KL(pi || pi_ref) (Tang & Munos 2025; tested).
+Rewards: the learned reward model, a verifiable reward (exact answers of the world's task: RLVR), the gold judge
+(an oracle ceiling, never evidence that the method works), or your own module:function.
+
+    python -m nanoalign.train_grpo --init out/tiny/sft/ckpt.pt --reward rm --reward_model out/tiny/rm/ckpt.pt
+    python -m nanoalign.train_grpo --init out/tiny/sft/ckpt.pt --reward verifiable --prompts data/world/verifiable_train.jsonl
+    torchrun --standalone --nproc_per_node=2 nanoalign/train_grpo.py --init out/tiny/sft/ckpt.pt
+"""
+
+import copy
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanoalign import common
+from nanoalign.data import load_prompts, load_verifiable
+from nanoalign.generate import entropy_from_logits, response_logprobs
+from nanoalign.model import set_dropout
+from nanoalign.rl import kl_estimates, make_scorer, masked_mean, masked_sum, rollout
+from nanoalign.tokenizer import load_tokenizer, render_chat
+
+
+@dataclass
+class GRPOConfig:
+    out_dir: str = "out/tiny/grpo"  # checkpoint, metrics.jsonl and run.json go here
+    init: str = "out/tiny/sft/ckpt.pt"  # SFT checkpoint: the initial policy and the frozen reference
+    reward: str = "rm"  # "rm", "verifiable" (exact answers), "gold" (oracle), or "module:function"
+    reward_model: str = "out/tiny/rm/ckpt.pt"  # the reward model checkpoint (with --reward rm)
+    prompts: str = "data/world/prompts_rl.jsonl"  # JSONL prompts (with "answer" fields for --reward verifiable)
+    estimator: str = "grpo"  # "grpo" (group-normalised) or "rloo" (leave-one-out baseline)
+    group_size: int = 4  # G: responses sampled per prompt
+    prompts_per_iter: int = 16  # prompts per iteration per rank (rollouts = prompts_per_iter * group_size)
+    iterations: int = 60  # iterations (rollout + update)
+    minibatches: int = 4  # minibatches per epoch (each holds whole groups)
+    ppo_epochs: int = 4  # passes over each rollout batch (1 = purely on-policy)
+    max_new_tokens: int = 80  # response length limit
+    temperature: float = 1.0  # sampling temperature, used in every log-prob too
+    lr: float = 1e-4  # peak learning rate, annealed linearly to 0
+    kl_coef: float = 0.05  # beta of the KL term
+    kl_in_loss: bool = False  # k3 KL inside the loss (GRPO paper) instead of the k1 penalty in the reward
+    scale_by_std: bool = True  # divide group advantages by the group std (false = Dr. GRPO)
+    loss_norm: str = "token"  # "token" (DAPO) or "sequence" (GRPO paper)
+    drop_equal_groups: bool = False  # skip groups with identical rewards (DAPO dynamic sampling)
+    cliprange: float = 0.2  # epsilon of the clipped ratio
+    no_end_penalty: float = -1.0  # score of responses that never emit <|end|> (not applied to verifiable rewards)
+    grad_clip: float = 1.0  # clip the global gradient norm
+    log_gold: bool = True  # also score rollouts with the built-in world's gold judge (logging only)
+    save_interval: int = 20  # iterations between checkpoints
+    seed: int = 0  # prompt order and sampling
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; log-probs stay fp32)
+    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    stop_at: int = 0  # stop with a checkpoint after this iteration (0 = run to the end)
+
+    def validate(self):
+        common.check(self.estimator in ("grpo", "rloo"), "estimator", "must be 'grpo' or 'rloo'")
+        common.check(self.group_size >= 2, "group_size", "a group needs at least 2 responses")
+        common.check(self.prompts_per_iter % self.minibatches == 0, "prompts_per_iter",
+                     f"{self.prompts_per_iter} is not divisible by minibatches {self.minibatches}")
+        common.check(self.loss_norm in ("token", "sequence"), "loss_norm", "must be 'token' or 'sequence'")
+        common.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        common.check(self.temperature > 0, "temperature", "must be > 0")
+
+
+def group_advantages(rewards, estimator: str = "grpo", scale_by_std: bool = True, eps: float = 1e-4):
+    """rewards (n_groups, G) -> advantages (n_groups, G). GRPO: (R - mean) / (std + eps) (unbiased std, as the
+    reference implementations use); RLOO: R_i minus the mean of the other G - 1 rewards."""
+    G = rewards.size(1)
+    mean = rewards.mean(1, keepdim=True)
+    if estimator == "rloo":
+        return (rewards * G - rewards.sum(1, keepdim=True)) / (G - 1)  # R_i - (sum_j R_j - R_i) / (G - 1)
+    adv = rewards - mean
+    return adv / (rewards.std(1, keepdim=True) + eps) if scale_by_std else adv
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, norm):
+    """PPO's clipped surrogate per token, reduced as `norm` says. norm = ("token", n_tokens) divides the masked sum by
+    the global token count; ("sequence", n_seqs) averages each response's token mean over the global response count.
+    logprobs, old_logprobs, mask (B, N); advantages (B,) broadcast over tokens."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    per_token = torch.max(unclipped, clipped)
+    kind, count = norm
+    if kind == "token":
+        loss = masked_sum(per_token, mask) / count
+    else:
+        loss = masked_mean(per_token, mask, dim=1).sum() / count
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, {"clipfrac": clipfrac.item(), "ratio": masked_mean(ratio, mask).item()}
+
+
+def train(cfg: GRPOConfig):
+    d = common.init_dist(cfg.device)
+    common.set_seed(cfg.seed)
+    parent = common.load_checkpoint(cfg.init, stages=["sft", "grpo", "ppo", "dpo"])
+    tok = load_tokenizer(parent["tokenizer_path"])
+    policy = set_dropout(common.build_model(parent, d.device), 0.0)
+    policy.scalar_head = None  # no value head: the group is the baseline
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    records = load_verifiable(cfg.prompts) if cfg.reward == "verifiable" else \
+        [{"prompt": m} for m in load_prompts(cfg.prompts)]
+    prompt_ids = [render_chat(tok, r["prompt"], add_generation_prompt=True)[0] for r in records]
+    score_fn = make_scorer(cfg.reward, cfg.reward_model, tok, d.device)
+    gold_fn = make_scorer("gold", None, tok, d.device) if cfg.log_gold and cfg.reward != "verifiable" else None
+    G, n_prompts = cfg.group_size, cfg.prompts_per_iter
+    common.check(max(map(len, prompt_ids)) + cfg.max_new_tokens <= policy.config.block_size, "max_new_tokens",
+                 f"longest prompt + {cfg.max_new_tokens} new tokens > block_size {policy.config.block_size}")
+
+    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5, device=d.device)
+    generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)  # per-rank sampling seed
+    it, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path, stages=["grpo"], tokenizer=tok.name)
+        it = common.restore(ckpt, policy, optimizer, d)
+        generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
+    raw_policy = policy
+    if d.ddp:
+        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if "cuda" in d.device else None)
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
+    stop = common.StopSignal()
+    total_updates = cfg.iterations * cfg.ppo_epochs * cfg.minibatches
+
+    def save():
+        gens = [generator.get_state()] * d.world
+        if d.ddp:
+            torch.distributed.all_gather_object(gens, generator.get_state())
+        rngs = common.gather_rng_states(d)
+        if d.master:
+            common.save_checkpoint(ckpt_path, stage="grpo", model=common.model_state(raw_policy),
+                                   model_config=asdict(raw_policy.config), optimizer=optimizer.state_dict(), step=it,
+                                   config=asdict(cfg), tokenizer=tok.name, tokenizer_path=parent["tokenizer_path"],
+                                   parent=os.path.abspath(cfg.init), rng=rngs, generators=gens)
+
+    bar = tqdm(total=cfg.iterations, initial=it, disable=not d.master, desc=cfg.estimator, dynamic_ncols=True)
+    last = cfg.stop_at if cfg.stop_at > 0 else cfg.iterations
+    while it < min(cfg.iterations, last):
+        t0 = time.time()
+        # 1. group rollouts: each of this rank's prompts G times (a group never straddles two ranks)
+        first = (it * d.world + d.rank) * n_prompts
+        idx = [(first + i) % len(records) for i in range(n_prompts) for _ in range(G)]
+        ro = rollout(raw_policy, ref, [prompt_ids[i] for i in idx], tok.end_id, tok.pad_id, cfg.max_new_tokens,
+                     cfg.temperature, generator)
+        batch = [records[i] for i in idx]
+        scores = score_fn([r["prompt"] for r in batch], ro, [r.get("answer") for r in batch])
+        if cfg.reward != "verifiable":
+            scores = torch.where(ro.ended, scores, torch.full_like(scores, cfg.no_end_penalty))
+        mask = ro.response_mask
+        seq_kl = masked_sum(ro.logprobs - ro.ref_logprobs, mask, 1)  # k1 summed over the response
+        rewards = scores if cfg.kl_in_loss else scores - cfg.kl_coef * seq_kl
+
+        # 2. group baselines -> one advantage per response
+        advantages = group_advantages(rewards.view(n_prompts, G), cfg.estimator, cfg.scale_by_std).view(-1)
+        keep = torch.ones(n_prompts * G, dtype=torch.bool, device=mask.device)
+        equal = rewards.view(n_prompts, G).std(1) == 0  # groups without signal
+        if cfg.drop_equal_groups:
+            keep = ~equal.repeat_interleave(G)
+
+        # 3. clipped updates over minibatches of whole groups
+        policy.train()
+        stats = []
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed + it * 997 + epoch))
+            for k in range(cfg.minibatches):
+                groups = perm[k * n_prompts // cfg.minibatches:(k + 1) * n_prompts // cfg.minibatches]
+                mb = (groups[:, None] * G + torch.arange(G)).view(-1).to(mask.device)
+                m = mask[mb] & keep[mb, None]
+                count = m.sum() if cfg.loss_norm == "token" else m.any(1).sum()
+                count = (common.all_reduce_sum(count.float()) / d.world).clamp(min=1)  # global normalisation
+                lr = common.lr_at((it * cfg.ppo_epochs + epoch) * cfg.minibatches + k, total_updates, cfg.lr,
+                                  schedule="linear")
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with common.autocast(d.device, cfg.dtype):
+                    logits = policy(ro.tokens[mb], pad_mask=ro.pad_mask[mb])
+                logprobs = response_logprobs(logits, ro.tokens[mb], ro.P, cfg.temperature)
+                loss, s = clipped_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.cliprange,
+                                              (cfg.loss_norm, count))
+                if cfg.kl_in_loss:  # k3(pi, pi_ref) per token, with gradient (GRPO eq. 3)
+                    k3 = kl_estimates(logprobs, ro.ref_logprobs[mb])[2]
+                    loss = loss + cfg.kl_coef * masked_sum(k3, m) / count if cfg.loss_norm == "token" else \
+                        loss + cfg.kl_coef * masked_mean(k3, m, dim=1).sum() / count
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                entropy = masked_mean(entropy_from_logits(logits[:, ro.P - 1:-1].detach()), m)
+                stats.append([loss.item(), entropy.item(), s["clipfrac"], s["ratio"]])
+        it += 1
+
+        # 4. statistics over all ranks, logging
+        gold = gold_fn([r["prompt"] for r in batch], ro) if gold_fn else torch.zeros_like(scores)
+        local = torch.tensor([scores.mean(), gold.mean(), seq_kl.mean(), ro.ended.float().mean(),
+                              mask.sum(1).float().mean(), equal.float().mean(), *torch.tensor(stats).mean(0)]).double()
+        g = (common.all_reduce_sum(local) / d.world).tolist()
+        row = {"iter": it, "score": g[0], "gold": g[1] if gold_fn else None, "kl": g[2], "end_rate": g[3],
+               "length": g[4], "zero_variance_groups": g[5], "loss": g[6], "entropy": g[7], "clipfrac": g[8],
+               "ratio": g[9], "lr": lr, "iter_s": time.time() - t0}
+        log.log(**row)
+        bar.update(1)
+        bar.set_postfix(score=f"{g[0]:.2f}", kl=f"{g[2]:.2f}")
+        if it % cfg.save_interval == 0:
+            save()
+        if stop.should_stop():
+            break
+    bar.close()
+    save()
+    common.cleanup_dist()
+    return raw_policy
+
+
+def main(argv=None):
+    return train(common.parse_config(GRPOConfig, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

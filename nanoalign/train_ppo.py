@@ -1,0 +1,282 @@
+"""
+Stage 4: RLHF with PPO (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022). Maximise
+
+    E_{x ~ prompts, y ~ pi(.|x)} [ r(x, y) ] - beta * KL(pi(.|x) || pi_ref(.|x))
+
+with the clipped PPO objective (Schulman et al. 2017). Each iteration: roll out responses with the KV cache, score
+them, turn scores into per-token rewards, estimate advantages with GAE, then take several epochs of clipped updates.
+Implementation details (numbers from Huang et al. 2024, "The N Implementation Details of RLHF with PPO"):
+  - dropout off in policy, reference and reward model;                                 (policy detail: dropout)
+  - pure sampling (no top-k/top-p) and every log-prob computed from logits / temperature;           (detail 1)
+  - old log-probs recomputed by the training forward on the same padded tensors, so the first ratio is exactly 1;
+  - the reward model's score sits on the <|end|> token itself; responses that never end get score -1 instead
+    (the "EOS trick"); nothing after <|end|> counts in any loss or statistic;
+  - per-token reward = -beta * (log pi - log pi_ref) (k1, detached), plus the score on the last token;
+  - beta fixed (0.05) or adaptive (Ziegler et al.'s proportional controller towards a target KL);
+  - GAE with gamma = 1, lambda = 0.95; returns = advantages + values, computed *before* advantage whitening;
+  - advantages whitened over the valid tokens of the whole batch (all ranks), biased variance;
+  - clipped policy loss, clipped value loss (0.5 * max of squares), vf_coef 0.1, gradient clipping, lr annealed to 0.
+Value function: a zero-initialised scalar head on the policy's own trunk (Ziegler et al. 2019). It costs one head and
+no second forward; the price is that value-loss gradients also move the policy's trunk (hence vf_coef 0.1). Stiennon
+et al. use a separate critic initialised from the reward model instead: twice the memory and compute, more stable.
+Left out: reward whitening by default (--whiten_rewards turns it on), a separate critic, pretraining-loss mixing (PPO-ptx).
+
+    python -m nanoalign.train_ppo --init out/tiny/sft/ckpt.pt --reward_model out/tiny/rm/ckpt.pt
+    torchrun --standalone --nproc_per_node=2 nanoalign/train_ppo.py --init out/tiny/sft/ckpt.pt
+"""
+
+import copy
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanoalign import common
+from nanoalign.data import load_prompts
+from nanoalign.generate import entropy_from_logits, response_logprobs
+from nanoalign.model import set_dropout
+from nanoalign.rl import kl_estimates, make_scorer, masked_mean, masked_sum, masked_whiten, rollout
+from nanoalign.tokenizer import load_tokenizer, render_chat
+
+
+@dataclass
+class PPOConfig:
+    out_dir: str = "out/tiny/ppo"  # checkpoint, metrics.jsonl and run.json go here
+    init: str = "out/tiny/sft/ckpt.pt"  # SFT checkpoint: the initial policy and the frozen reference
+    reward: str = "rm"  # "rm" (the learned reward model), "gold" (oracle: the world's judge), or "module:function"
+    reward_model: str = "out/tiny/rm/ckpt.pt"  # the reward model checkpoint (with --reward rm)
+    prompts: str = "data/world/prompts_rl.jsonl"  # JSONL records with a "prompt"
+    iterations: int = 60  # PPO iterations (rollout + update)
+    batch_size: int = 64  # rollouts per iteration per rank
+    minibatches: int = 4  # minibatches (optimizer steps) per PPO epoch
+    ppo_epochs: int = 4  # passes over each rollout batch
+    max_new_tokens: int = 80  # response length limit
+    temperature: float = 1.0  # sampling temperature, used in every log-prob too
+    lr: float = 1e-4  # peak learning rate, annealed linearly to 0
+    kl_coef: float = 0.05  # beta: weight of the per-token KL penalty in the reward
+    adaptive_kl: bool = False  # adapt beta towards kl_target (Ziegler et al. 2019)
+    kl_target: float = 6.0  # target of the summed per-sequence KL (nats) for the adaptive controller
+    kl_horizon: int = 10000  # controller horizon in episodes
+    gamma: float = 1.0  # discount (1: the reward only arrives at the end)
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # epsilon of the clipped policy ratio
+    cliprange_value: float = 0.2  # clip range of the value update
+    vf_coef: float = 0.1  # weight of the value loss
+    ent_coef: float = 0.0  # entropy bonus (0 = off, as in the references)
+    no_end_penalty: float = -1.0  # score given to responses that never emit <|end|>
+    whiten_rewards: bool = False  # whiten per-token rewards (without shifting the mean) before GAE
+    grad_clip: float = 1.0  # clip the global gradient norm
+    log_gold: bool = True  # also score rollouts with the built-in world's gold judge (logging only)
+    sample_interval: int = 10  # iterations between printed samples
+    save_interval: int = 20  # iterations between checkpoints
+    seed: int = 0  # prompt order and sampling
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; log-probs stay fp32)
+    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    stop_at: int = 0  # stop with a checkpoint after this iteration (0 = run to the end)
+
+    def validate(self):
+        common.check(self.batch_size % self.minibatches == 0, "batch_size",
+                     f"{self.batch_size} is not divisible by minibatches {self.minibatches}")
+        common.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        common.check(self.temperature > 0, "temperature", "must be > 0 (sampling and log-probs share it)")
+        common.check(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "lam", "gamma and lam must be in [0, 1]")
+        common.check(self.iterations > 0 and self.ppo_epochs > 0, "iterations", "iterations and ppo_epochs must be > 0")
+
+
+def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """r_t = -beta * k1_t on every response token, plus the score on the last real token. (B, N) each.
+    The KL term is reward shaping: detached (inputs come from the no-grad rollout)."""
+    kl = (logprobs - ref_logprobs) * mask  # k1 per token
+    rewards = -kl_coef * kl
+    last = mask.long().cumsum(1).argmax(1)  # index of the last True (argmax returns the first maximum)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens:
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, V after the last token = 0.
+    Returns (advantages, returns = advantages + values), zero outside the mask. (B, N) each."""
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    last_adv = torch.zeros_like(rewards[:, 0])
+    N = rewards.size(1)
+    for t in reversed(range(N)):
+        next_value = values[:, t + 1] if t + 1 < N else torch.zeros_like(last_adv)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_adv = delta + gamma * lam * last_adv
+        advantages[:, t] = last_adv
+    return advantages * mask, (advantages + values) * mask
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, n_tokens, cliprange,
+             cliprange_value, vf_coef):
+    """Clipped surrogate + clipped value loss (Schulman et al. 2017; OpenAI baselines ppo2), summed over the valid
+    tokens and divided by n_tokens (the minibatch's token count over all ranks). All (B, N) except n_tokens."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    pg_loss = masked_sum(torch.max(pg_unclipped, pg_clipped), mask) / n_tokens
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_loss = 0.5 * masked_sum(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask) / n_tokens
+    stats = {"clipfrac": masked_mean((pg_clipped > pg_unclipped).float(), mask).item(),
+             "approxkl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask).item(),
+             "vf_clipfrac": masked_mean(((values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask).item(),
+             "ratio": masked_mean(ratio, mask).item()}
+    return pg_loss + vf_coef * vf_loss, pg_loss, vf_loss, stats
+
+
+def adaptive_kl_update(kl_coef, kl, kl_target, n_steps, horizon):
+    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)."""
+    error = max(-0.2, min(0.2, kl / kl_target - 1))
+    return kl_coef * (1 + error * n_steps / horizon)
+
+
+def advantages_and_returns(ro, scores, kl_coef: float, cfg: PPOConfig):
+    """Per-token rewards -> GAE. Returns are taken from the raw advantages, then the advantages are whitened over the
+    valid tokens of the whole batch (all ranks). Returns (advantages, returns, per-token k1 KL), each (B, N)."""
+    mask = ro.response_mask
+    rewards, kl = per_token_rewards(scores, ro.logprobs, ro.ref_logprobs, mask, kl_coef)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+    return masked_whiten(advantages, mask), returns, kl
+
+
+def ppo_update(policy, optimizer, ro, advantages, returns, cfg: PPOConfig, it: int, d: common.Dist):
+    """ppo_epochs passes over the rollout in shuffled minibatches, one optimizer step each. Token means are global:
+    each minibatch's loss is divided by its token count summed over ranks, so 2 ranks step exactly as 1 process."""
+    policy.train()
+    mb_size, stats = cfg.batch_size // cfg.minibatches, []
+    total_updates = cfg.iterations * cfg.ppo_epochs * cfg.minibatches
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed + it * 997 + epoch))
+        for k in range(cfg.minibatches):
+            mb = perm[k * mb_size:(k + 1) * mb_size].to(ro.tokens.device)
+            m = ro.response_mask[mb]
+            n_tokens = common.all_reduce_sum(m.sum().float()) / d.world  # / world: DDP then averages the gradients
+            lr = common.lr_at((it * cfg.ppo_epochs + epoch) * cfg.minibatches + k, total_updates, cfg.lr,
+                              schedule="linear")
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with common.autocast(d.device, cfg.dtype):
+                logits, values = policy(ro.tokens[mb], pad_mask=ro.pad_mask[mb], output="both")
+            new_logprobs = response_logprobs(logits, ro.tokens[mb], ro.P, cfg.temperature)
+            new_values = values[:, ro.P - 1:-1].float()
+            loss, pg_loss, vf_loss, s = ppo_loss(new_logprobs, ro.logprobs[mb], advantages[mb], new_values,
+                                                 ro.values[mb], returns[mb], m, n_tokens, cfg.cliprange,
+                                                 cfg.cliprange_value, cfg.vf_coef)
+            entropy = masked_mean(entropy_from_logits(logits[:, ro.P - 1:-1]), m)
+            (loss - cfg.ent_coef * entropy).backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.append([pg_loss.item(), vf_loss.item(), entropy.item(), s["clipfrac"], s["approxkl"], s["ratio"]])
+    return stats, lr
+
+
+def train(cfg: PPOConfig):
+    d = common.init_dist(cfg.device)
+    common.set_seed(cfg.seed)
+    parent = common.load_checkpoint(cfg.init, stages=["sft", "ppo", "dpo", "grpo"])
+    tok = load_tokenizer(parent["tokenizer_path"])
+    policy = set_dropout(common.build_model(parent, d.device), 0.0)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)  # frozen copy of the SFT model
+    if policy.scalar_head is None:
+        policy.add_scalar_head("zero")  # the value head: zero-initialised, so V = 0 at the start
+    score_fn = make_scorer(cfg.reward, cfg.reward_model, tok, d.device)
+    gold_fn = make_scorer("gold", None, tok, d.device) if cfg.log_gold else None
+    prompts = load_prompts(cfg.prompts)
+    prompt_ids = [render_chat(tok, m, add_generation_prompt=True)[0] for m in prompts]
+    common.check(max(map(len, prompt_ids)) + cfg.max_new_tokens <= policy.config.block_size, "max_new_tokens",
+                 f"longest prompt + {cfg.max_new_tokens} new tokens > block_size {policy.config.block_size}")
+
+    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5, device=d.device)  # eps 1e-5 as the references
+    generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)  # per-rank sampling seed
+    it, kl_coef, ckpt_path = 0, cfg.kl_coef, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path, stages=["ppo"], tokenizer=tok.name)
+        it = common.restore(ckpt, policy, optimizer, d)
+        kl_coef = ckpt["kl_coef"]
+        generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
+    raw_policy = policy
+    if d.ddp:
+        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if "cuda" in d.device else None)
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
+    stop = common.StopSignal()
+
+    def save():
+        rngs, gens = common.gather_rng_states(d), [generator.get_state()] * d.world
+        if d.ddp:
+            torch.distributed.all_gather_object(gens, generator.get_state())
+        if d.master:
+            common.save_checkpoint(ckpt_path, stage="ppo", model=common.model_state(raw_policy),
+                                   model_config=asdict(raw_policy.config), optimizer=optimizer.state_dict(),
+                                   step=it, config=asdict(cfg), tokenizer=tok.name, kl_coef=kl_coef,
+                                   tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init),
+                                   rng=rngs, generators=gens)
+
+    bar = tqdm(total=cfg.iterations, initial=it, disable=not d.master, desc="ppo", dynamic_ncols=True)
+    last = cfg.stop_at if cfg.stop_at > 0 else cfg.iterations
+    while it < min(cfg.iterations, last):
+        t0 = time.time()
+        # 1. rollout: this rank's prompts, sampled with the KV cache, then scored (all without gradients)
+        first = (it * d.world + d.rank) * cfg.batch_size
+        batch_idx = [(first + i) % len(prompts) for i in range(cfg.batch_size)]
+        ro = rollout(raw_policy, ref, [prompt_ids[i] for i in batch_idx], tok.end_id, tok.pad_id, cfg.max_new_tokens,
+                     cfg.temperature, generator, with_values=True)
+        batch_prompts = [prompts[i] for i in batch_idx]
+        scores = score_fn(batch_prompts, ro)
+        scores = torch.where(ro.ended, scores, torch.full_like(scores, cfg.no_end_penalty))  # the EOS trick
+        t_rollout = time.time() - t0
+
+        # 2. rewards and advantages
+        advantages, returns, kl = advantages_and_returns(ro, scores, kl_coef, cfg)
+        mask = ro.response_mask
+
+        # 3. PPO epochs over shuffled minibatches
+        stats, lr = ppo_update(policy, optimizer, ro, advantages, returns, cfg, it, d)
+        it += 1
+
+        # 4. statistics over all ranks, the KL controller, logging
+        seq_kl = kl.sum(1)
+        k3 = masked_sum(kl_estimates(ro.logprobs, ro.ref_logprobs)[2], mask, 1)
+        explained_var = 1 - (returns - ro.values)[mask].var(unbiased=False) / returns[mask].var(unbiased=False).clamp(min=1e-8)
+        gold = gold_fn(batch_prompts, ro) if gold_fn else torch.zeros_like(scores)
+        local = torch.tensor([scores.mean(), gold.mean(), seq_kl.mean(), k3.mean(), ro.ended.float().mean(),
+                              mask.sum(1).float().mean(), explained_var, *torch.tensor(stats).mean(0)]).double()
+        g = (common.all_reduce_sum(local) / d.world).tolist()
+        if cfg.adaptive_kl:  # every rank applies the same all-reduced KL, so beta stays identical everywhere
+            kl_coef = adaptive_kl_update(kl_coef, g[2], cfg.kl_target, cfg.batch_size * d.world, cfg.kl_horizon)
+        row = {"iter": it, "score": g[0], "gold": g[1] if gold_fn else None, "kl": g[2], "kl_k3": g[3], "end_rate": g[4],
+               "length": g[5], "explained_variance": g[6], "pg_loss": g[7], "vf_loss": g[8], "entropy": g[9],
+               "clipfrac": g[10], "approxkl": g[11], "ratio": g[12], "kl_coef": kl_coef, "lr": lr,
+               "rollout_s": t_rollout, "iter_s": time.time() - t0}
+        log.log(**row)
+        bar.update(1)
+        bar.set_postfix(score=f"{g[0]:.2f}", gold=f"{g[1]:.2f}", kl=f"{g[2]:.2f}")
+        if d.master and cfg.sample_interval and it % cfg.sample_interval == 0:
+            tqdm.write(f"iter {it}: {tok.decode(ro.tokens[0].tolist())!r} score {scores[0].item():+.2f}")
+        if it % cfg.save_interval == 0:
+            save()
+        if stop.should_stop():
+            break
+    bar.close()
+    save()
+    common.cleanup_dist()
+    return raw_policy
+
+
+def main(argv=None):
+    return train(common.parse_config(PPOConfig, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""
+Stage 1: pretraining. Next-token prediction on plain text: minimise  L = -1/N sum_t log p(x_t | x_<t).
+
+    python -m nanoalign.train_pretrain --data data/world/pretrain.txt --out_dir out/tiny/pretrain
+    torchrun --standalone --nproc_per_node=2 nanoalign/train_pretrain.py --data data/world/pretrain.txt
+
+The text is split into documents at blank lines, each document encoded and followed by <|endoftext|>, and the whole
+stream cached as uint16/uint32 token ids beside the text file. A batch is B random windows of block_size + 1 tokens
+(inputs and targets shifted by one), as in nanoGPT. Which windows a step uses depends only on (seed, step), so a
+resumed run sees exactly the data an uninterrupted run would, and 2 DDP ranks see the two halves of the batch one
+process would. Checkpoints are written atomically to out_dir/ckpt.pt.
+"""
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # `torchrun nanoalign/train_pretrain.py` runs this file as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanoalign import common
+from nanoalign.model import GPT, GPTConfig, load_gpt2
+from nanoalign.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = "out/tiny/pretrain"  # checkpoint, metrics.jsonl and run.json go here
+    data: str = "data/world/pretrain.txt"  # UTF-8 text; documents separated by blank lines
+    val_data: str = "data/world/pretrain_val.txt"  # held-out text ("" = the last 5% of --data)
+    tokenizer: str = "data/world/tok512.tiktoken"  # .tiktoken file (trained on --data if missing) or "gpt2"
+    vocab_size: int = 512  # ordinary tokens when a new tokenizer is trained
+    init_from: str = "scratch"  # "scratch", or a GPT-2 checkpoint file/directory to continue pretraining from
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # model width
+    block_size: int = 128  # context length in tokens
+    dropout: float = 0.0  # dropout in pretraining (0 is best for small models trained briefly)
+    batch_size: int = 16  # sequences per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1500  # optimizer steps
+    lr: float = 3e-3  # peak learning rate (small models tolerate a large one)
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on 2-D weights only
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    eval_interval: int = 250  # steps between validation losses and checkpoints
+    eval_batches: int = 10  # batches per validation estimate
+    seed: int = 0  # data order and initialisation
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    compile: bool = False  # torch.compile the model (needs a C++ compiler; pays off on GPU)
+    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    stop_at: int = 0  # stop with a checkpoint after this step (0 = run to max_steps); for time-boxed runs and tests
+
+    def validate(self):
+        common.check(self.max_steps > 0, "max_steps", "must be > 0")
+        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
+        common.check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} is not divisible by n_head {self.n_head}")
+        common.check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "float32, bfloat16 or float16")
+        common.check(self.lr > 0, "lr", "must be > 0")
+
+
+def get_tokenizer(cfg: PretrainConfig):
+    """Load the tokenizer, or train one on the pretraining text (seconds for our world) and save it."""
+    if cfg.tokenizer != "gpt2" and not os.path.exists(cfg.tokenizer):
+        print(f"training a {cfg.vocab_size}-token BPE tokenizer on {cfg.data} -> {cfg.tokenizer}")
+        with open(cfg.data, encoding="utf-8") as f:
+            save_tokenizer(train_bpe(f.read(), cfg.vocab_size), cfg.tokenizer)
+    return load_tokenizer(cfg.tokenizer)
+
+
+def tokenize_file(path: str, tok) -> np.ndarray:
+    """Encode a text file once into a memmapped token file beside it (keyed by the tokenizer's identity)."""
+    cache = f"{path}.{tok.name}.bin"
+    dtype = np.uint16 if tok.n_vocab < 2**16 else np.uint32
+    if not os.path.exists(cache) or os.path.getmtime(cache) < os.path.getmtime(path):
+        with open(path, encoding="utf-8") as f:
+            docs = [d for d in f.read().split("\n\n") if d.strip()]
+        ids = []
+        for doc_ids in tok.enc.encode_ordinary_batch(docs):
+            ids.extend(doc_ids + [tok.eot_id])  # <|endoftext|> ends every document
+        tmp = f"{cache}.tmp{os.getpid()}"
+        np.array(ids, dtype=dtype).tofile(tmp)
+        os.replace(tmp, cache)
+    return np.memmap(cache, dtype=dtype, mode="r")
+
+
+def get_batch(data: np.ndarray, step: int, cfg, micro: int, d: common.Dist, global_batch: int):
+    """Micro-batch `micro` of this rank's share of step `step`'s global batch: random windows chosen by a generator
+    seeded with (seed, step) only, so resume and DDP see the same data as an uninterrupted single process."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    starts = torch.randint(len(data) - cfg.block_size - 1, (global_batch,), generator=g)
+    first = (micro * d.world + d.rank) * cfg.batch_size
+    rows = [torch.from_numpy(data[s:s + cfg.block_size + 1].astype(np.int64)) for s in starts[first:first + cfg.batch_size]]
+    xy = torch.stack(rows).to(d.device)
+    return xy[:, :-1], xy[:, 1:]  # inputs (B, T), targets (B, T)
+
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg, d):
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_batches):  # fixed windows (step = -1 - i): comparable across evaluations
+        x, y = get_batch(data, -1 - i, cfg, 0, common.Dist(device=d.device), cfg.batch_size)
+        with common.autocast(d.device, cfg.dtype):
+            logits = model(x)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def train(cfg: PretrainConfig):
+    d = common.init_dist(cfg.device)
+    common.set_seed(cfg.seed)
+    tok = get_tokenizer(cfg) if d.master else None
+    if d.ddp:
+        torch.distributed.barrier()  # rank 0 may have trained the tokenizer or written the token cache
+    tok = tok or get_tokenizer(cfg)
+    data = tokenize_file(cfg.data, tok)
+    val_data = tokenize_file(cfg.val_data, tok) if cfg.val_data else data[int(0.95 * len(data)):]
+    if not cfg.val_data:
+        data = data[:int(0.95 * len(data))]
+
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(cfg.block_size, tok.n_vocab, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout))
+    else:
+        model = load_gpt2(cfg.init_from, cfg.block_size)
+        assert model.config.vocab_size >= tok.n_vocab, "the GPT-2 checkpoint's vocabulary is smaller than the tokenizer's"
+    model.to(d.device)
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device=d.device)
+    step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path, stages=["pretrain"], tokenizer=tok.name)
+        step = common.restore(ckpt, model, optimizer, d)
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if d.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if "cuda" in d.device else None)
+
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
+    stop = common.StopSignal()
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    tokens_per_step = global_batch * cfg.block_size
+    if d.master:
+        print(f"{raw_model.num_params(False) / 1e6:.2f}M parameters | {len(data):,} train tokens | "
+              f"{tokens_per_step:,} tokens/step | {d.world} rank(s) on {d.device}")
+
+    def save():
+        rngs = common.gather_rng_states(d)
+        if d.master:
+            common.save_checkpoint(ckpt_path, stage="pretrain", model=common.model_state(raw_model),
+                                   model_config=asdict(raw_model.config), optimizer=optimizer.state_dict(),
+                                   step=step, config=asdict(cfg), tokenizer=tok.name, tokenizer_path=cfg.tokenizer,
+                                   parent=cfg.init_from if cfg.init_from != "scratch" else None, rng=rngs)
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.master, desc="pretrain", dynamic_ncols=True)
+    t0, last_stop = time.time(), cfg.stop_at if cfg.stop_at > 0 else cfg.max_steps
+    while step < min(cfg.max_steps, last_stop):
+        lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(data, step, cfg, micro, d, global_batch)
+            sync = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-batch (no_sync before)
+            with (model.no_sync() if d.ddp and not sync else common.nullcontext()), common.autocast(d.device, cfg.dtype):
+                logits = model(x)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt, t0 = time.time() - t0, time.time()
+        loss_avg = common.all_reduce_sum(torch.tensor([loss_sum])).item() / d.world
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        row = dict(step=step, loss=loss_avg, lr=lr, tokens_per_s=tokens_per_step / dt)
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            row["val_loss"] = estimate_loss(raw_model, val_data, cfg, d)
+            save()
+            if d.master:
+                tqdm.write(f"step {step}: train loss {loss_avg:.4f}, val loss {row['val_loss']:.4f}")
+        log.log(**row)
+        if stop.should_stop():
+            break
+    if step % cfg.eval_interval != 0 and step != cfg.max_steps:
+        save()  # stopped early (signal or stop_at): keep the exact state for --resume
+    bar.close()
+    common.cleanup_dist()
+    return raw_model
+
+
+def main(argv=None):
+    cfg = common.parse_config(PretrainConfig, argv, __doc__)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

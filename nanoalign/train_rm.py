@@ -1,0 +1,223 @@
+"""
+Stage 3: the reward model. Learn the (simulated) humans' preferences with the Bradley-Terry model:
+
+    P(y_w preferred to y_l | x) = sigmoid(r(x, y_w) - r(x, y_l)),   L = -log sigmoid(r(x, y_w) - r(x, y_l) - m)
+
+(Stiennon et al. 2020 eq. 1; Ouyang et al. 2022 eq. 1; m is an optional margin, 0 by default). r is the SFT
+transformer with a scalar head read at the last real token of prompt + response, i.e. the <|end|> (Huang et al. 2024,
+detail 12): reading a pad token instead is the classic bug, and the tests check for it. Chosen and rejected go through
+one concatenated forward. One epoch by default: reward models overfit quickly (InstructGPT appendix C.2).
+
+After training the reward is shifted so that the SFT data's reference responses score 0 on average (Stiennon et al.
+2020; InstructGPT section 3.5): BT only sees differences, so the offset is free, and a zero mean makes PPO's KL
+penalty and score comparable across runs. The offset is stored in the checkpoint and subtracted by every scorer.
+
+    python -m nanoalign.train_rm --init out/tiny/sft/ckpt.pt --data data/world/prefs_train.jsonl
+    torchrun --standalone --nproc_per_node=2 nanoalign/train_rm.py --init out/tiny/sft/ckpt.pt
+"""
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanoalign import common
+from nanoalign.data import load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
+from nanoalign.model import set_dropout
+from nanoalign.rl import score_last_token
+from nanoalign.tokenizer import load_tokenizer
+
+
+@dataclass
+class RMConfig:
+    out_dir: str = "out/tiny/rm"  # checkpoint, metrics.jsonl and run.json go here
+    init: str = "out/tiny/sft/ckpt.pt"  # the SFT checkpoint the reward model starts from
+    data: str = "data/world/prefs_train.jsonl"  # JSONL pairs: {prompt, chosen, rejected} or Anthropic HH
+    val_data: str = "data/world/prefs_val.jsonl"  # held-out pairs (gold_chosen/gold_rejected fields give gold agreement)
+    norm_data: str = "data/world/sft_train.jsonl"  # SFT data whose reference responses are shifted to score 0
+    norm_examples: int = 1000  # how many of them to average for the offset
+    skip_bad: bool = False  # skip (and count) malformed records instead of stopping at the first one
+    max_len: int = 0  # truncate prompt + response to this many tokens (0 = block_size)
+    batch_size: int = 32  # pairs per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0  # passes over the pairs (one: more overfits)
+    lr: float = 3e-4  # peak learning rate
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 10  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay on 2-D weights
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    margin: float = 0.0  # BT margin m (Llama 2 style); 0 = plain Bradley-Terry
+    eval_interval: int = 100  # steps between validation passes and checkpoints
+    seed: int = 0  # data order
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
+
+    def validate(self):
+        common.check(self.epochs > 0, "epochs", "must be > 0")
+        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
+        common.check(self.lr > 0, "lr", "must be > 0")
+
+
+def bt_loss(chosen_rewards, rejected_rewards, margin: float = 0.0):
+    """Bradley-Terry loss and metrics. chosen_rewards, rejected_rewards: (B,). Accuracy is strict (ties count wrong)."""
+    diff = chosen_rewards - rejected_rewards
+    loss = -F.logsigmoid(diff - margin).mean()
+    return loss, {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item()}
+
+
+def pair_batch(pairs, pad_id, device):
+    """Concatenate [all prompt+chosen; all prompt+rejected] right-padded to one length: tokens (2B, T), mask (2B, T)."""
+    seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    tokens = pad(seqs, pad_id)
+    mask = pad([[1] * len(s) for s in seqs], 0).bool()
+    return tokens.to(device), mask.to(device)
+
+
+def pair_rewards(model, pairs, pad_id, device, offset=0.0):
+    """One forward for chosen and rejected; returns (chosen_rewards (B,), rejected_rewards (B,))."""
+    tokens, mask = pair_batch(pairs, pad_id, device)
+    scores = model(tokens, pad_mask=mask, output="scalar")  # (2B, T)
+    r = scores.gather(1, (mask.sum(1) - 1)[:, None]).squeeze(1).float() - offset  # right-padded: last real = len - 1
+    return r[:len(pairs)], r[len(pairs):]
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, gold, pad_id, device, batch_size=64):
+    """Accuracy against the (noisy) labels, and agreement with the gold judge, overall and per gold-margin bucket."""
+    model.eval()
+    diffs = []
+    for i in range(0, len(pairs), batch_size):
+        c, r = pair_rewards(model, pairs[i:i + batch_size], pad_id, device)
+        diffs.append(c - r)
+    model.train()
+    diff = torch.cat(diffs).cpu()
+    out = {"val_accuracy": (diff > 0).float().mean().item(), "val_loss": -F.logsigmoid(diff).mean().item()}
+    if gold:
+        gold_margin = torch.tensor([gc - gr for gc, gr in gold])
+        agree = (diff > 0) == (gold_margin > 0)
+        known = gold_margin != 0
+        out["gold_agreement"] = agree[known].float().mean().item()
+        for lo, hi in [(0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, float("inf"))]:
+            b = known & (gold_margin.abs() >= lo) & (gold_margin.abs() < hi)
+            if b.any():
+                out[f"gold_agreement_margin_{lo}-{hi}"] = agree[b].float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def reward_offset(model, tok, path, n, max_len, device, batch_size=64):
+    """Mean raw reward of the SFT data's reference responses: subtracting it gives them mean 0."""
+    examples = [tokenize_sft(tok, msgs, max_len)[0] for msgs in load_sft(path)[:n]]
+    model.eval()
+    total = 0.0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        tokens, mask = pad(chunk, tok.pad_id).to(device), pad([[1] * len(e) for e in chunk], 0).bool().to(device)
+        total += score_last_token(model, tokens, mask).sum().item()
+    return total / len(examples)
+
+
+def train(cfg: RMConfig):
+    d = common.init_dist(cfg.device)
+    common.set_seed(cfg.seed)
+    parent = common.load_checkpoint(cfg.init, stages=["sft", "pretrain"])
+    tok = load_tokenizer(parent["tokenizer_path"])
+    model = set_dropout(common.build_model(parent, d.device), 0.0)  # no dropout in reward models (Huang et al.)
+    model.add_scalar_head("reward")
+    max_len = cfg.max_len or model.config.block_size
+    common.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the model's block_size")
+    raw_train = load_prefs(cfg.data, cfg.skip_bad)
+    train_set = [tokenize_pref(tok, ex, max_len) for ex in raw_train]
+    raw_val = load_prefs(cfg.val_data, cfg.skip_bad) if cfg.val_data else []
+    val_set = [tokenize_pref(tok, ex, max_len) for ex in raw_val]
+    val_gold = [(ex["gold_chosen"], ex["gold_rejected"]) for ex in raw_val if "gold_chosen" in ex]
+    val_gold = val_gold if len(val_gold) == len(val_set) else None
+
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    max_steps = max(1, int(cfg.epochs * len(train_set) / global_batch))
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device=d.device)
+    step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        step = common.restore(common.load_checkpoint(ckpt_path, stages=["rm"], tokenizer=tok.name), model, optimizer, d)
+    raw_model = model
+    if d.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if "cuda" in d.device else None)
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
+    stop = common.StopSignal()
+    if d.master:
+        print(f"reward model on {len(train_set):,} pairs ({len(val_set):,} val) | {max_steps} steps of {global_batch} pairs")
+
+    def save(offset=None, metrics=None):
+        rngs = common.gather_rng_states(d)
+        if d.master:
+            common.save_checkpoint(ckpt_path, stage="rm", model=common.model_state(raw_model),
+                                   model_config=asdict(raw_model.config), optimizer=optimizer.state_dict(),
+                                   step=step, config=asdict(cfg), tokenizer=tok.name,
+                                   tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init), rng=rngs,
+                                   reward_offset=offset, metrics=metrics)
+
+    bar = tqdm(total=max_steps, initial=step, disable=not d.master, desc="rm", dynamic_ncols=True)
+    t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else max_steps
+    while step < min(max_steps, last):
+        lr = common.lr_at(step, max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = [train_set[i] for i in common.batch_indices(len(train_set), step, global_batch, cfg.seed)]
+        stats = torch.zeros(3)
+        for micro in range(cfg.grad_accum):
+            pairs = common.rank_rows(rows, micro, d, cfg.batch_size)
+            sync = micro == cfg.grad_accum - 1
+            with (model.no_sync() if d.ddp and not sync else common.nullcontext()), common.autocast(d.device, cfg.dtype):
+                chosen, rejected = pair_rewards(model, pairs, tok.pad_id, d.device)
+                loss, m = bt_loss(chosen, rejected, cfg.margin)
+            (loss / cfg.grad_accum).backward()  # equal pairs per micro-batch and rank: the mean of means is the mean
+            stats += torch.tensor([loss.item(), m["accuracy"], m["margin"]]) / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_v, acc, margin = (common.all_reduce_sum(stats) / d.world).tolist()
+        dt, t0 = time.time() - t0, time.time()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc:.2f}")
+        row = dict(step=step, loss=loss_v, accuracy=acc, margin=margin, lr=lr, pairs_per_s=global_batch / dt)
+        if val_set and d.master and (step % cfg.eval_interval == 0 or step == max_steps):
+            row.update(evaluate_pairs(raw_model, val_set, val_gold, tok.pad_id, d.device))
+            tqdm.write(f"step {step}: val accuracy {row['val_accuracy']:.3f}"
+                       + (f", gold agreement {row['gold_agreement']:.3f}" if "gold_agreement" in row else ""))
+        log.log(**row)
+        if step % cfg.eval_interval == 0 and step < max_steps:
+            save()
+        if stop.should_stop():
+            break
+    bar.close()
+    if step < max_steps:  # stopped early: keep the exact state for --resume
+        save()
+        common.cleanup_dist()
+        return raw_model
+    offset = reward_offset(raw_model, tok, cfg.norm_data, cfg.norm_examples, max_len, d.device) if cfg.norm_data else 0.0
+    final = evaluate_pairs(raw_model, val_set, val_gold, tok.pad_id, d.device) if val_set else {}
+    if d.master:
+        print(f"reward offset {offset:+.4f} (SFT reference responses now score 0 on average); final {final}")
+    save(offset, final)
+    log.log(step=step, reward_offset=offset, **final)
+    common.cleanup_dist()
+    return raw_model
+
+
+def main(argv=None):
+    return train(common.parse_config(RMConfig, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

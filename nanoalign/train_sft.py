@@ -1,0 +1,191 @@
+"""
+Stage 2: supervised fine-tuning (SFT) in the chat template.
+
+    L = - (1 / N) * sum over every response token t of every example in the batch of log p(y_t | prompt, y_<t)
+
+where N is the number of response tokens in the whole optimizer batch (all micro-batches, all ranks). Only the
+assistant's tokens are trained, the closing <|end|> included, so the model learns to answer *and to stop*; prompt and
+padding carry the label -100 (PyTorch's ignore_index). We average per token over the global batch (as TRL and the
+DPO reference do) rather than per sequence: every token counts the same, and the loss does not depend on how the
+batch is split into micro-batches or ranks (transformers PR #34191 fixed exactly this for gradient accumulation).
+
+    python -m nanoalign.train_sft --init out/tiny/pretrain/ckpt.pt --data data/world/sft_train.jsonl
+    torchrun --standalone --nproc_per_node=2 nanoalign/train_sft.py --init out/tiny/pretrain/ckpt.pt
+"""
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # `torchrun nanoalign/train_sft.py` runs this file as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanoalign import common
+from nanoalign.data import load_sft, pad, tokenize_sft
+from nanoalign.generate import generate
+from nanoalign.model import set_dropout
+from nanoalign.tokenizer import load_tokenizer, render_chat
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = "out/tiny/sft"  # checkpoint, metrics.jsonl and run.json go here
+    init: str = "out/tiny/pretrain/ckpt.pt"  # the pretrained checkpoint to fine-tune
+    data: str = "data/world/sft_train.jsonl"  # JSONL: {prompt, response} | {messages} | Alpaca {instruction, input, output}
+    val_data: str = "data/world/sft_val.jsonl"  # held-out SFT data for the validation loss
+    skip_bad: bool = False  # skip (and count) malformed records instead of stopping at the first one
+    max_len: int = 0  # truncate examples to this many tokens (0 = the model's block_size)
+    batch_size: int = 32  # examples per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 400  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 20  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay on 2-D weights
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    dropout: float = 0.0  # residual/attention dropout while fine-tuning (InstructGPT used 0.2 at 1B+ scale)
+    eval_interval: int = 100  # steps between validation losses, samples and checkpoints
+    n_samples: int = 3  # fixed validation prompts whose greedy answers are printed at each evaluation
+    seed: int = 0  # data order
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    compile: bool = False  # torch.compile the model
+    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    stop_at: int = 0  # stop with a checkpoint after this step (0 = run to max_steps)
+
+    def validate(self):
+        common.check(self.max_steps > 0, "max_steps", "must be > 0")
+        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
+        common.check(self.lr > 0, "lr", "must be > 0")
+        common.check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+
+def sft_loss(logits, labels, n_tokens):
+    """Summed cross-entropy of the labelled (response) tokens divided by n_tokens, the number of response tokens in
+    the whole optimizer batch. logits (B, T, V) predict labels (B, T) shifted by one; -100 = not trained."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum") / n_tokens
+
+
+def collate(examples, pad_id, device):
+    """Right-pad (ids, labels) pairs: tokens (B, T), labels (B, T) with -100 on padding, pad_mask (B, T)."""
+    tokens = pad([ids for ids, _ in examples], pad_id)
+    labels = pad([lab for _, lab in examples], -100)
+    mask = pad([[1] * len(ids) for ids, _ in examples], 0).bool()
+    return tokens.to(device), labels.to(device), mask.to(device)
+
+
+def n_trained(example) -> int:
+    return sum(1 for t in example[1][1:] if t != -100)  # labels shifted by one, as in sft_loss
+
+
+@torch.no_grad()
+def validation_loss(model, val, pad_id, device, batch_size):
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(val), batch_size):
+        tokens, labels, mask = collate(val[i:i + batch_size], pad_id, device)
+        total += sft_loss(model(tokens, pad_mask=mask), labels, 1).item()
+        count += sum(n_trained(ex) for ex in val[i:i + batch_size])
+    model.train()
+    return total / max(count, 1)
+
+
+def train(cfg: SFTConfig):
+    d = common.init_dist(cfg.device)
+    common.set_seed(cfg.seed)
+    parent = common.load_checkpoint(cfg.init, stages=["pretrain", "sft", "distill", "dpo", "ppo", "grpo"])
+    tok = load_tokenizer(parent["tokenizer_path"])
+    model = set_dropout(common.build_model(parent, d.device), cfg.dropout)
+    max_len = cfg.max_len or model.config.block_size
+    common.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the model's block_size")
+    train_set = [tokenize_sft(tok, msgs, max_len) for msgs in load_sft(cfg.data, cfg.skip_bad)]
+    val_msgs = load_sft(cfg.val_data, cfg.skip_bad) if cfg.val_data else []
+    val_set = [tokenize_sft(tok, msgs, max_len) for msgs in val_msgs]
+    sample_prompts = [render_chat(tok, msgs[:-1], add_generation_prompt=True)[0] for msgs in val_msgs[:cfg.n_samples]]
+
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device=d.device)
+    step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path, stages=["sft"], tokenizer=tok.name)
+        step = common.restore(ckpt, model, optimizer, d)
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if d.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if "cuda" in d.device else None)
+
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
+    stop = common.StopSignal()
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    if d.master:
+        print(f"SFT on {len(train_set):,} examples ({len(val_set):,} val) | {global_batch} examples/step | "
+              f"{d.world} rank(s) on {d.device}")
+
+    def save():
+        rngs = common.gather_rng_states(d)
+        if d.master:
+            common.save_checkpoint(ckpt_path, stage="sft", model=common.model_state(raw_model),
+                                   model_config=asdict(raw_model.config), optimizer=optimizer.state_dict(),
+                                   step=step, config=asdict(cfg), tokenizer=tok.name,
+                                   tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init), rng=rngs)
+
+    def evaluate_and_show():
+        row = {"val_loss": validation_loss(raw_model, val_set, tok.pad_id, d.device, cfg.batch_size)} if val_set else {}
+        if d.master and sample_prompts:
+            tokens, _, P = generate(raw_model, sample_prompts, 64, tok.end_id, tok.pad_id, temperature=0)
+            for p, row_tokens in zip(sample_prompts, tokens):
+                tqdm.write(f"  {tok.decode(p)!r} -> {tok.decode(row_tokens[P:].tolist())!r}")
+        return row
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.master, desc="sft", dynamic_ncols=True)
+    t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else cfg.max_steps
+    while step < min(cfg.max_steps, last):
+        lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = [train_set[i] for i in common.batch_indices(len(train_set), step, global_batch, cfg.seed)]
+        n_tokens = max(1, sum(n_trained(ex) for ex in rows))  # global count: every rank sees the whole batch's ids
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            tokens, labels, mask = collate(common.rank_rows(rows, micro, d, cfg.batch_size), tok.pad_id, d.device)
+            sync = micro == cfg.grad_accum - 1
+            with (model.no_sync() if d.ddp and not sync else common.nullcontext()), common.autocast(d.device, cfg.dtype):
+                # x world: DDP averages gradients over ranks, we want the sum of every rank's share of the global mean
+                loss = sft_loss(model(tokens, pad_mask=mask), labels, n_tokens) * d.world
+            loss.backward()
+            loss_sum += loss.item() / d.world
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_all = common.all_reduce_sum(torch.tensor([loss_sum])).item()
+        dt, t0 = time.time() - t0, time.time()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_all:.3f}")
+        row = dict(step=step, loss=loss_all, lr=lr, tokens_per_s=n_tokens / dt)
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            row.update(evaluate_and_show())
+            save()
+        log.log(**row)
+        if stop.should_stop():
+            break
+    if step % cfg.eval_interval != 0 and step != cfg.max_steps:
+        save()
+    bar.close()
+    common.cleanup_dist()
+    return raw_model
+
+
+def main(argv=None):
+    return train(common.parse_config(SFTConfig, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Invariants of the critic-free estimators (correctness.md I-G1..I-G4) and of the k3-in-the-loss gradient."""
+
+import torch
+
+from nanoalign.rl import kl_estimates
+from nanoalign.train_grpo import clipped_policy_loss, group_advantages
+
+
+def test_group_advantages_sum_to_zero_without_std_and_for_rloo():
+    torch.manual_seed(0)
+    r = torch.randn(5, 4)
+    assert torch.allclose(group_advantages(r, "grpo", scale_by_std=False).sum(1), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(group_advantages(r, "rloo").sum(1), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(group_advantages(r, "grpo").sum(1), torch.zeros(5), atol=1e-5)
+
+
+def test_rloo_baseline_excludes_the_sample_itself():
+    torch.manual_seed(1)
+    r = torch.randn(3, 5)
+    brute = torch.zeros_like(r)
+    for g in range(3):
+        for i in range(5):
+            others = [r[g, j] for j in range(5) if j != i]
+            brute[g, i] = r[g, i] - sum(others) / len(others)
+    assert torch.allclose(group_advantages(r, "rloo"), brute, atol=1e-6)
+    # and equals G / (G - 1) times the mean-centred reward
+    assert torch.allclose(group_advantages(r, "rloo"), 5 / 4 * (r - r.mean(1, keepdim=True)), atol=1e-6)
+
+
+def test_grpo_normalises_by_the_group_std():
+    r = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    adv = group_advantages(r, "grpo", eps=0.0)
+    assert torch.allclose(adv, (r - r.mean()) / r.std())
+
+
+def test_a_group_with_identical_rewards_has_zero_advantage_and_zero_policy_gradient():
+    r = torch.full((1, 4), 0.7)
+    for est in ("grpo", "rloo"):
+        adv = group_advantages(r, est).view(-1)
+        assert (adv == 0).all()
+        logprobs = torch.randn(4, 6, requires_grad=True)
+        mask = torch.ones(4, 6, dtype=torch.bool)
+        loss, _ = clipped_policy_loss(logprobs, logprobs.detach(), adv, mask, 0.2, ("token", mask.sum()))
+        loss.backward()
+        assert torch.equal(logprobs.grad, torch.zeros(4, 6))
+
+
+def test_first_update_has_ratio_one_and_token_vs_sequence_normalisation_differ_by_length():
+    logprobs = torch.randn(2, 4)
+    adv = torch.tensor([1.0, -0.5])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]]).bool()
+    tok_loss, s = clipped_policy_loss(logprobs, logprobs, adv, mask, 0.2, ("token", mask.sum()))
+    seq_loss, _ = clipped_policy_loss(logprobs, logprobs, adv, mask, 0.2, ("sequence", 2))
+    assert s["ratio"] == 1.0 and s["clipfrac"] == 0.0
+    assert torch.allclose(tok_loss, torch.tensor(-(4 * 1.0 - 0.5) / 5))  # every token weighs the same
+    assert torch.allclose(seq_loss, torch.tensor(-(1.0 - 0.5) / 2))  # every response weighs the same
+
+
+def test_k3_in_the_loss_has_the_gradient_of_reverse_kl_ref_to_policy():
+    """On samples from pi, E_pi[grad k3] = grad KL(pi_ref || pi), not grad KL(pi || pi_ref) (Tang & Munos 2025)."""
+    theta = torch.tensor([0.3, -0.2, 0.5, 0.0], requires_grad=True)
+    ref = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    logp = torch.log_softmax(theta, 0)
+    pi = logp.exp().detach()
+    k3 = kl_estimates(logp, ref.log())[2]
+    (grad_k3,) = torch.autograd.grad((pi * k3).sum(), theta)  # exact expectation over an enumerated distribution
+    (grad_reverse,) = torch.autograd.grad((ref * (ref.log() - torch.log_softmax(theta, 0))).sum(), theta)
+    (grad_forward,) = torch.autograd.grad((torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - ref.log())).sum(),
+                                          theta)
+    assert torch.allclose(grad_k3, grad_reverse, atol=1e-6)
+    assert not torch.allclose(grad_k3, grad_forward, atol=1e-3)

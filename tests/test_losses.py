@@ -1,0 +1,244 @@
+"""The pure loss and advantage functions against their papers' formulas (correctness.md section 3)."""
+
+import math
+
+import pytest
+import torch
+
+from nanoalign.rl import kl_estimates, masked_mean, masked_whiten
+from nanoalign.train_dpo import dpo_loss, sequence_logps
+from nanoalign.train_ppo import adaptive_kl_update, gae, per_token_rewards, ppo_loss
+from nanoalign.train_rm import bt_loss
+from nanoalign.train_sft import sft_loss
+
+LOG2 = math.log(2)
+
+
+# ------------------------------------------------------------------------------------------------ SFT
+
+def test_sft_loss_is_mean_response_token_nll_and_ignores_prompt_labels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5, -100], [-100, 7, 8, -100, -100, -100]])
+    logp = torch.log_softmax(logits, -1)
+    by_hand = -(logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 5] + logp[1, 0, 7] + logp[1, 1, 8]) / 5
+    assert torch.allclose(sft_loss(logits, labels, 5), by_hand, atol=1e-6)
+    # the label of a prompt position is -100 whatever the token was: changing prompt tokens' targets is impossible,
+    # and a pad row adds nothing
+    padded_logits = torch.cat([logits, torch.randn(2, 3, 11)], 1)
+    padded_labels = torch.cat([labels, torch.full((2, 3), -100)], 1)
+    assert torch.equal(sft_loss(padded_logits, padded_labels, 5), sft_loss(logits, labels, 5))
+
+
+def test_sft_global_token_normalisation_makes_accumulation_equal_one_big_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 8, 13, requires_grad=True)
+    labels = torch.randint(0, 13, (4, 8))
+    labels[0, :7] = -100  # uneven: row 0 has one response token, the others eight
+    labels[1, :2] = -100
+    n = (labels[:, 1:] != -100).sum()
+    full = sft_loss(logits, labels, n)
+    split = sft_loss(logits[:2], labels[:2], n) + sft_loss(logits[2:], labels[2:], n)
+    assert torch.allclose(full, split, atol=1e-6)
+    per_micro_mean = (sft_loss(logits[:2], labels[:2], (labels[:2, 1:] != -100).sum())
+                      + sft_loss(logits[2:], labels[2:], (labels[2:, 1:] != -100).sum())) / 2
+    assert not torch.allclose(full, per_micro_mean, atol=1e-3)  # the negative control: per-micro-batch means differ
+
+
+# ------------------------------------------------------------------------------------------------ reward model
+
+def test_bt_loss_is_log2_at_ties_with_gradient_minus_half_and_zero_accuracy():
+    r = torch.tensor([0.3, -1.2], requires_grad=True)
+    loss, m = bt_loss(r, r.detach().clone())
+    assert abs(loss.item() - LOG2) < 1e-6 and m["accuracy"] == 0.0
+    loss.backward()
+    assert torch.allclose(r.grad, torch.tensor([-0.25, -0.25]))  # -0.5 per pair, averaged over 2 pairs
+
+
+def test_bt_loss_is_shift_invariant_and_antisymmetric():
+    c, r = torch.tensor([1.0, 0.2, -0.3]), torch.tensor([0.5, 0.9, -1.0])
+    assert torch.allclose(bt_loss(c + 7, r + 7)[0], bt_loss(c, r)[0])
+    delta = c - r
+    # L(delta) - L(-delta) = -delta per pair
+    assert torch.allclose(-torch.nn.functional.logsigmoid(delta) + torch.nn.functional.logsigmoid(-delta), -delta)
+    assert bt_loss(c, r)[1]["accuracy"] + bt_loss(r, c)[1]["accuracy"] == pytest.approx(1.0)
+
+
+def test_bt_margin_loss_is_log2_when_difference_equals_margin():
+    assert abs(bt_loss(torch.tensor([2.0]), torch.tensor([1.5]), margin=0.5)[0].item() - LOG2) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ DPO
+
+def test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference():
+    lp = torch.tensor([-5.0, -7.0]), torch.tensor([-6.0, -4.0])
+    for ls in (0.0, 0.2):
+        losses, cr, rr = dpo_loss(lp[0], lp[1], lp[0], lp[1], beta=0.1, label_smoothing=ls)
+        assert torch.allclose(losses, torch.full((2,), LOG2)) and (cr == 0).all() and (rr == 0).all()
+    ipo, _, _ = dpo_loss(lp[0], lp[1], lp[0], lp[1], beta=0.1, ipo=True)
+    assert torch.allclose(ipo, torch.full((2,), 1 / (4 * 0.1 ** 2)))
+
+
+def test_dpo_gradient_is_minus_and_plus_half_beta_at_init():
+    beta = 0.3
+    pc, pr = torch.tensor([-5.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
+    losses, _, _ = dpo_loss(pc, pr, pc.detach().clone(), pr.detach().clone(), beta)
+    losses.sum().backward()
+    assert torch.allclose(pc.grad, torch.tensor([-beta / 2])) and torch.allclose(pr.grad, torch.tensor([beta / 2]))
+
+
+def test_dpo_swap_identity_and_beta_scaling_of_rewards():
+    beta, h = 0.5, torch.tensor([0.7, -1.3])
+    zero = torch.zeros(2)
+    l_pos = dpo_loss(h, zero, zero, zero, beta)[0]
+    l_neg = dpo_loss(zero, h, zero, zero, beta)[0]
+    assert torch.allclose(l_pos - l_neg, -beta * h, atol=1e-6)
+    _, c1, _ = dpo_loss(h, zero, zero, zero, 0.1)
+    _, c2, _ = dpo_loss(h, zero, zero, zero, 0.2)
+    assert torch.allclose(c2, 2 * c1)
+
+
+def test_ipo_and_conservative_dpo_match_their_formulas_and_optima():
+    beta, eps, h = 0.25, 0.1, torch.tensor([0.4, 3.0])
+    zero = torch.zeros(2)
+    ipo = dpo_loss(h, zero, zero, zero, beta, ipo=True)[0]
+    assert torch.allclose(ipo, (h - 1 / (2 * beta)) ** 2)
+    cdpo = dpo_loss(h, zero, zero, zero, beta, label_smoothing=eps)[0]
+    sig = torch.sigmoid(beta * h)
+    assert torch.allclose(cdpo, -(1 - eps) * torch.log(sig) - eps * torch.log(1 - sig), atol=1e-6)
+    # cDPO's minimiser is finite: h* = log((1 - eps) / eps) / beta
+    hs = torch.tensor([math.log((1 - eps) / eps) / beta], requires_grad=True)
+    dpo_loss(hs, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta, label_smoothing=eps)[0].sum().backward()
+    assert abs(hs.grad.item()) < 1e-6
+
+
+def test_reference_free_dpo_ignores_reference_logprobs():
+    pc, pr = torch.tensor([-2.0]), torch.tensor([-3.0])
+    a = dpo_loss(pc, pr, torch.tensor([-9.0]), torch.tensor([-1.0]), 0.1, reference_free=True)[0]
+    b = dpo_loss(pc, pr, torch.tensor([0.0]), torch.tensor([5.0]), 0.1, reference_free=True)[0]
+    assert torch.equal(a, b)
+
+
+def test_sequence_logps_sum_response_tokens_only():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 7)
+    labels = torch.tensor([[-100, -100, 2, 3, -100]])
+    logp = torch.log_softmax(logits, -1)
+    assert torch.allclose(sequence_logps(logits, labels), logp[0, 1, 2] + logp[0, 2, 3])
+
+
+# ------------------------------------------------------------------------------------------------ PPO
+
+def brute_force_gae(rewards, values, mask, gamma, lam):
+    B, N = rewards.shape
+    adv = torch.zeros(B, N)
+    for b in range(B):
+        n = int(mask[b].sum())
+        for t in range(n):
+            a = 0.0
+            for k in range(t, n):
+                v_next = values[b, k + 1] if k + 1 < n else 0.0
+                delta = rewards[b, k] + gamma * v_next - values[b, k]
+                a += (gamma * lam) ** (k - t) * delta
+            adv[b, t] = a
+    return adv
+
+
+def test_gae_matches_brute_force_and_reward_to_go_when_gamma_lambda_one():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5]).bool()
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5), (1.0, 0.0)]:
+        adv, ret = gae(rewards, values, mask, gamma, lam)
+        assert torch.allclose(adv, brute_force_gae(rewards, values, mask, gamma, lam), atol=1e-5)
+        assert torch.allclose(ret, (adv + values) * mask)
+    adv, ret = gae(rewards, values, mask, 1.0, 1.0)
+    rtg = torch.flip(torch.cumsum(torch.flip(rewards * mask, [1]), 1), [1]) * mask
+    assert torch.allclose(ret, rtg, atol=1e-5) and torch.allclose(adv, (rtg - values) * mask, atol=1e-5)
+    assert (adv[~mask] == 0).all()
+
+
+def test_masked_whiten_has_mean_zero_std_one_over_the_mask_only():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7) * 3 + 2
+    mask = torch.rand(4, 7) > 0.3
+    w = masked_whiten(x, mask)
+    assert abs(masked_mean(w, mask).item()) < 1e-5
+    assert abs(masked_mean(w ** 2, mask).item() - 1) < 1e-4
+    x2 = x.clone()
+    x2[~mask] = 1e6  # values outside the mask do not move the statistics
+    assert torch.allclose(masked_whiten(x2, mask), w, atol=1e-5)
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert abs(masked_mean(kept, mask).item() - masked_mean(x, mask).item()) < 1e-4
+
+
+def test_reward_sits_on_the_last_real_token_and_kl_sums_to_the_sequence_log_ratio():
+    logp, ref = torch.randn(2, 5), torch.randn(2, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    scores = torch.tensor([2.0, -1.0])
+    rewards, kl = per_token_rewards(scores, logp, ref, mask, 0.1)
+    assert (rewards[~mask] == 0).all() and (kl[~mask] == 0).all()
+    seq_log_ratio = ((logp - ref) * mask).sum(1)
+    assert torch.allclose(kl.sum(1), seq_log_ratio)
+    assert torch.allclose(rewards.sum(1), scores - 0.1 * seq_log_ratio, atol=1e-6)
+    no_kl, _ = per_token_rewards(scores, logp, ref, mask, 0.0)
+    assert no_kl[0, 2] == 2.0 and no_kl[1, 4] == -1.0 and no_kl.abs().sum() == 3.0
+
+
+def test_kl_is_zero_when_policy_equals_reference_and_k3_is_nonnegative():
+    lp = torch.randn(3, 4)
+    for k in kl_estimates(lp, lp):
+        assert (k == 0).all()
+    k1, k2, k3 = kl_estimates(torch.randn(100), torch.randn(100))
+    assert (k3 >= 0).all() and (k2 >= 0).all() and (k1 < 0).any()
+
+
+def test_k1_and_k3_are_unbiased_for_kl_on_an_enumerated_distribution():
+    q = torch.tensor([0.5, 0.3, 0.2])  # the policy, which samples
+    p = torch.tensor([0.2, 0.5, 0.3])  # the reference
+    kl = (q * (q / p).log()).sum()
+    k1, _, k3 = kl_estimates(q.log(), p.log())
+    assert torch.allclose((q * k1).sum(), kl) and torch.allclose((q * k3).sum(), kl)
+
+
+def test_first_ppo_step_has_ratio_one_and_no_clipping():
+    torch.manual_seed(0)
+    logp = torch.randn(4, 6)
+    adv = torch.randn(4, 6)
+    values, returns = torch.randn(4, 6), torch.randn(4, 6)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[0, 3:] = False
+    loss, pg, vf, s = ppo_loss(logp, logp, adv, values, values, returns, mask, mask.sum(), 0.2, 0.2, 0.1)
+    assert s["ratio"] == pytest.approx(1.0) and s["clipfrac"] == 0.0 and s["approxkl"] == 0.0
+    assert torch.allclose(pg, -masked_mean(adv, mask))
+    assert torch.allclose(vf, 0.5 * masked_mean((values - returns) ** 2, mask))
+
+
+def test_clipped_objective_has_zero_gradient_beyond_the_clip_range():
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[0.5, -0.5]], requires_grad=True)  # ratio e^0.5 > 1.2 and e^-0.5 < 0.8
+    adv = torch.tensor([[1.0, -1.0]])  # pushing further in the direction the clip forbids
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    v = torch.zeros(1, 2)
+    _, pg, _, s = ppo_loss(new, old, adv, v, v, v, mask, 2, 0.2, 0.2, 0.1)
+    pg.backward()
+    assert torch.equal(new.grad, torch.zeros(1, 2)) and s["clipfrac"] == 1.0
+    new2 = torch.tensor([[0.05, -0.05]], requires_grad=True)  # inside the range: gradient -A * ratio / n
+    ppo_loss(new2, old, adv, v, v, v, mask, 2, 0.2, 0.2, 0.1)[1].backward()
+    assert torch.allclose(new2.grad, -adv * torch.exp(new2.detach()) / 2)
+
+
+def test_value_clipping_is_inactive_inside_the_range():
+    v_old, ret = torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 0.5]])
+    v_new = torch.tensor([[0.1, -0.15, 0.05]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    _, _, vf, _ = ppo_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), v_new, v_old, ret, mask, 3,
+                           0.2, 0.2, 0.1)
+    assert torch.allclose(vf, 0.5 * ((v_new - ret) ** 2).mean())
+
+
+def test_adaptive_kl_controller_is_still_at_target_and_bounded():
+    assert adaptive_kl_update(0.1, 6.0, 6.0, 64, 10000) == 0.1
+    up = adaptive_kl_update(0.1, 100.0, 6.0, 1000, 10000)
+    down = adaptive_kl_update(0.1, 0.0, 6.0, 1000, 10000)
+    assert up == pytest.approx(0.1 * (1 + 0.2 * 0.1)) and down == pytest.approx(0.1 * (1 - 0.2 * 0.1))

@@ -1,0 +1,232 @@
+"""Invariants of the model and the generation contract (correctness.md section 3, I-M*, I-GEN*)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from nanoalign.generate import (entropy_from_logits, generate, last_true, logprobs_from_logits, pad_left,
+                                response_logprobs, sample_next)
+from nanoalign.model import GPT, GPTConfig, gpt2_from_state_dict, load_gpt2, positions_and_mask
+
+V, PAD, END = 61, 0, 60
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=V, block_size=48, n_layer=2, n_head=2, n_embd=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_causal_mask_future_token_does_not_change_past_logits():
+    m = tiny_model()
+    x = torch.randint(1, V, (2, 20))
+    y = x.clone()
+    y[:, 12] = (y[:, 12] % (V - 2)) + 1
+    a, b = m(x), m(y)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-4)
+
+
+def test_left_padding_gives_the_logits_of_the_unpadded_prompt():
+    m = tiny_model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    tokens, mask = pad_left(prompts, PAD)
+    batched = m(tokens, pad_mask=mask)
+    assert torch.isfinite(batched).all()  # pad queries attend to themselves: no all-masked row, no NaN
+    for i, p in enumerate(prompts):
+        alone = m(torch.tensor([p]))
+        assert torch.allclose(batched[i, -len(p):], alone[0], atol=1e-5)
+
+
+def test_right_padding_does_not_change_logits_of_real_tokens():
+    m = tiny_model()
+    x = torch.randint(1, V, (1, 10))
+    padded = torch.cat([x, torch.full((1, 5), PAD)], 1)
+    mask = torch.cat([torch.ones(1, 10, dtype=torch.bool), torch.zeros(1, 5, dtype=torch.bool)], 1)
+    assert torch.allclose(m(padded, pad_mask=mask)[:, :10], m(x), atol=1e-5)
+
+
+def test_heavily_left_padded_batch_has_finite_logits_and_gradients():
+    m = tiny_model()
+    m.train()
+    tokens, mask = pad_left([[3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]], PAD)
+    logits = m(tokens, pad_mask=mask)
+    logits.sum().backward()
+    assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_positions_start_at_zero_after_left_padding():
+    mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    pos, attn = positions_and_mask(mask, 4, 0)
+    assert pos.tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert attn.shape == (2, 1, 4, 4)
+    assert attn[0, 0].any(-1).all()  # no empty row
+    assert not attn[0, 0, 3, :2].any()  # a real query never sees pads
+
+
+def test_row_logprobs_do_not_depend_on_other_rows_in_the_batch():
+    m = tiny_model()
+    a = [4, 5, 6, 7]
+    t1, m1 = pad_left([a, [8, 9]], PAD)
+    t2, m2 = pad_left([a, [10, 11, 12, 13, 14, 15, 16]], PAD)
+    l1 = m(t1, pad_mask=m1)[0, -4:]
+    l2 = m(t2, pad_mask=m2)[0, -4:]
+    assert torch.allclose(l1, l2, atol=1e-5)
+
+
+def test_greedy_generation_with_kv_cache_equals_recomputing_the_prefix():
+    m = tiny_model()
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    a = generate(m, prompts, 25, END, PAD, temperature=0)
+    b = generate(m, prompts, 25, END, PAD, temperature=0, use_cache=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    m = tiny_model()
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    tokens, mask, P = generate(m, prompts, 15, END, PAD, temperature=0)
+    for i, p in enumerate(prompts):
+        t, _, p_len = generate(m, [p], 15, END, PAD, temperature=0)
+        n = t.size(1) - p_len
+        assert tokens[i, P:P + n].tolist() == t[0, p_len:].tolist()
+
+
+def test_sampled_tokens_logprobs_match_full_forward_at_the_sampling_temperature():
+    m = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    tokens, mask, P = generate(m, [[1, 2, 3], [4, 5, 6, 7, 8]], 12, END, PAD, temperature=0.7, generator=g)
+    logits = m(tokens, pad_mask=mask)
+    lp = response_logprobs(logits, tokens, P, temperature=0.7)
+    assert lp.shape == (2, tokens.size(1) - P)
+    assert torch.isfinite(lp).all()
+    # the same via the cached path, one step at a time
+    from nanoalign.model import KVCache
+    cache = KVCache(m.config, 2, tokens.size(1), "cpu", torch.float32)
+    inc = [m(tokens[:, :P], pad_mask=mask[:, :P], cache=cache)[:, -1:]]
+    for t in range(P, tokens.size(1) - 1):
+        inc.append(m(tokens[:, t:t + 1], pad_mask=mask[:, :t + 1], cache=cache))
+    lp_inc = logprobs_from_logits(torch.cat(inc, 1) / 0.7, tokens[:, P:])
+    real = mask[:, P:]
+    assert torch.allclose(lp[real], lp_inc[real], atol=1e-5)
+
+
+def test_after_the_end_token_every_token_is_pad_and_masked():
+    m = tiny_model()
+    with torch.no_grad():  # make END very likely so rows finish at different steps
+        m.lm_head.weight[END] += 0.3 * m.lm_head.weight.mean(0)
+    g = torch.Generator().manual_seed(1)
+    tokens, mask, P = generate(m, [[1, 2], [3, 4, 5]] * 4, 30, END, PAD, temperature=1.0, generator=g)
+    for row, mrow in zip(tokens[:, P:], mask[:, P:]):
+        ends = (row == END).nonzero()
+        if len(ends):
+            e = ends[0].item()
+            assert (row[e + 1:] == PAD).all() and not mrow[e + 1:].any() and mrow[:e + 1].all()
+
+
+def test_sampling_with_fixed_generator_is_reproducible_and_zero_temperature_is_argmax():
+    logits = torch.randn(4, V)
+    a = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert torch.equal(sample_next(logits, 0), logits.argmax(-1))
+
+
+def test_pure_sampling_matches_softmax_at_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    T, n = 0.8, 40000
+    draws = sample_next(logits.expand(n, 4), T, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / n
+    p = (logits[0] / T).softmax(-1)
+    chi2 = (n * (freq - p) ** 2 / p).sum().item()
+    assert chi2 < 16.27  # 3 degrees of freedom, p = 0.001
+
+
+def test_top_k_and_top_p_only_sample_allowed_tokens():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -5.0]]).expand(2000, 5)
+    assert sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0)).max() <= 1
+    p = torch.tensor([3.0, 2.0, 1.0, 0.0, -5.0]).softmax(-1)
+    assert p[0] < 0.7 < p[0] + p[1]
+    assert sample_next(logits, 1.0, top_p=0.7, generator=torch.Generator().manual_seed(0)).max() <= 1
+
+
+def test_logprob_and_entropy_helpers():
+    logits = torch.randn(2, 5, V)
+    labels = torch.randint(0, V, (2, 5))
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(2, 5)
+    assert torch.allclose(logprobs_from_logits(logits, labels), -ce, atol=1e-6)
+    assert torch.allclose(entropy_from_logits(torch.zeros(1, 1, V)), torch.tensor(math.log(V)), atol=1e-5)
+    assert entropy_from_logits(torch.tensor([[[100.0] + [0.0] * (V - 1)]])).item() < 1e-6
+    assert last_true(torch.tensor([[False, True, True, False], [True, False, False, False]])).tolist() == [2, 0]
+
+
+def test_scalar_head_reward_init_and_zero_init():
+    m = tiny_model().add_scalar_head("zero")
+    x = torch.randint(1, V, (2, 7))
+    assert torch.equal(m(x, output="scalar"), torch.zeros(2, 7))
+    m.add_scalar_head("reward")
+    logits, values = m(x, output="both")
+    assert logits.shape == (2, 7, V) and values.shape == (2, 7)
+    assert abs(m.scalar_head.weight.std().item() - 1 / math.sqrt(33)) < 0.06
+
+
+def fake_hf_gpt2_state_dict(model: GPT, prefix="transformer.", with_buffers=True):
+    """Our weights written in Hugging Face GPT-2's key names and Conv1D (in, out) layout."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        hf = prefix + k.removeprefix("transformer.")
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t().contiguous()
+        sd[hf] = v.clone()
+    if with_buffers:
+        for i in range(model.config.n_layer):
+            sd[f"{prefix}h.{i}.attn.bias"] = torch.ones(1, 1, 8, 8)
+            sd[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return sd
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", ""])
+def test_gpt2_import_maps_hf_names_and_transposes_conv1d(prefix):
+    src = tiny_model(seed=3, n_embd=64, n_head=4)
+    sd = fake_hf_gpt2_state_dict(src, prefix)
+    assert sd[f"{prefix}h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D stores (in, out)
+    dst = gpt2_from_state_dict(sd, n_head=4)
+    x = torch.randint(1, V, (2, 9))
+    assert torch.allclose(src(x), dst.eval()(x), atol=1e-6)
+
+
+def test_gpt2_bin_and_safetensors_give_identical_logits(tmp_path):
+    src = tiny_model(seed=4)
+    sd = fake_hf_gpt2_state_dict(src, with_buffers=False)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    write_safetensors(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"n_head": 2}')
+    a = load_gpt2(str(tmp_path / "pytorch_model.bin"), n_head=2)
+    b = load_gpt2(str(tmp_path))  # a directory: model.safetensors is preferred, config.json gives n_head
+    x = torch.randint(1, V, (1, 11))
+    assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def write_safetensors(sd, path):
+    import json
+    header, blobs, offset = {}, [], 0
+    for k, v in sd.items():
+        b = v.contiguous().numpy().tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+def test_flops_per_token_counts_six_n_plus_attention():
+    m = tiny_model()
+    n = m.num_params()
+    assert m.flops_per_token(48) == 6 * n + 12 * 2 * 32 * 48
