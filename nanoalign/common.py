@@ -238,6 +238,14 @@ def machine_name() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def progress(total: int, initial: int = 0, desc: str = "", disable: bool = False):
+    """A tqdm bar with ETA; when stderr is not a terminal (a log file, CI) it redraws every 10 s, not 10 times a
+    second, so logs stay readable."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 10.0)
+
+
 class MetricsLog:
     """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0 only); run.json records the run."""
 

@@ -223,7 +223,8 @@ def _pref(rec, where):
         raise DataError(f"{where}: expected non-empty chosen and rejected answers, found an empty one")
     if chosen == rejected:
         raise DataError(f"{where}: expected chosen and rejected to differ, found the same answer twice")
-    return _tag(Record(prompt=_tag(Messages(prompt), where), chosen=chosen, rejected=rejected), where)
+    gold = {k: float(rec[k]) for k in ("gold_chosen", "gold_rejected") if isinstance(rec.get(k), (int, float))}
+    return _tag(Record(prompt=_tag(Messages(prompt), where), chosen=chosen, rejected=rejected, **gold), where)
 
 
 def load_prefs(path, skip_bad=False) -> list[dict]:

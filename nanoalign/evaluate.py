@@ -166,8 +166,8 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
                            "n_prompts": cfg.n_prompts},
               "pretrain_val_loss": val_losses[-1] if val_losses else None,
               "entropy_floor": world_stats.get("entropy_floor_nats_per_token"),
-              "world": {k: world_stats.get(k) for k in ("world_hash", "judge_max", "sft_mean_gold", "flip_rate_expected",
-                                                        "flip_rate_empirical")}}
+              "world": {k: world_stats.get(k) for k in ("world_hash", "judge_max", "sft_mean_gold", "expected_flip_rate",
+                                                        "empirical_flip_rate")}}
     with open(os.path.join(run_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(run_dir, "report.md"), "w") as f:

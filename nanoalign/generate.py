@@ -82,12 +82,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, end_id: 
 
 def logprobs_from_logits(logits, labels):
     """log softmax(logits)[label], in fp32 (bf16 log-softmax makes PPO ratios and KL noisy). (B, T, V) -> (B, T)."""
-    return torch.gather(F.log_softmax(logits.float(), -1), 2, labels.unsqueeze(-1)).squeeze(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (fp64 stays fp64)
+    return torch.gather(F.log_softmax(logits, -1), 2, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits):
     """-sum p log p = logsumexp(z) - sum softmax(z) z, per position. (B, T, V) -> (B, T)."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
 

@@ -20,22 +20,24 @@ from dataclasses import asdict, dataclass
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common, evaluate, train_dpo, train_ppo, train_pretrain, train_rm, train_sft, world
+from nanoalign import common, evaluate, train_dpo, train_grpo, train_ppo, train_pretrain, train_rm, train_sft, world
 
 # Per-stage overrides of each stage's own defaults. "tiny" is the stage defaults themselves: one source of truth.
 PRESETS = {
     "micro": {
         "world": {"scale": 0.05},
         "pretrain": {"n_layer": 2, "n_head": 2, "n_embd": 64, "max_steps": 40, "batch_size": 8, "eval_interval": 20,
-                     "eval_batches": 2, "vocab_size": 300},
+                     "eval_batches": 2},
         "sft": {"max_steps": 20, "batch_size": 8, "eval_interval": 10, "n_samples": 1},
         "rm": {"epochs": 0.3, "batch_size": 8, "eval_interval": 10, "norm_examples": 32},
         "ppo": {"iterations": 3, "batch_size": 8, "minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 32,
                 "sample_interval": 0, "save_interval": 2},
         "dpo": {"epochs": 0.2, "batch_size": 8, "eval_interval": 10},
+        "grpo": {"iterations": 3, "prompts_per_iter": 4, "group_size": 2, "minibatches": 2, "ppo_epochs": 2,
+                 "max_new_tokens": 32, "save_interval": 2},
         "evaluate": {"n_prompts": 24, "max_new_tokens": 48, "batch_size": 24},
     },
-    "tiny": {"world": {}, "pretrain": {}, "sft": {}, "rm": {}, "ppo": {}, "dpo": {}, "evaluate": {}},
+    "tiny": {"world": {}, "pretrain": {}, "sft": {}, "rm": {}, "ppo": {}, "dpo": {}, "grpo": {}, "evaluate": {}},
     "gpu": {  # one GPU: a GPT-2-small-sized model (124M) on the same world; bf16 autocast
         "world": {"scale": 4.0},
         "pretrain": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 256, "batch_size": 64, "max_steps": 3000,
@@ -44,7 +46,8 @@ PRESETS = {
         "rm": {"batch_size": 64, "lr": 3e-5, "dtype": "bfloat16"},
         "ppo": {"iterations": 200, "batch_size": 256, "minibatches": 8, "lr": 1e-5, "dtype": "bfloat16"},
         "dpo": {"batch_size": 64, "lr": 5e-6, "dtype": "bfloat16"},
-        "evaluate": {"n_prompts": 1000},
+        "grpo": {"iterations": 200, "prompts_per_iter": 64, "minibatches": 8, "lr": 1e-5, "dtype": "bfloat16"},
+        "evaluate": {"n_prompts": 800},
     },
 }
 
@@ -55,7 +58,7 @@ class PipelineConfig:
     out: str = "out/tiny"  # run directory: out/<run>/<stage>/
     world_dir: str = ""  # where the world's data go ("" = data/world for tiny, <out>/world otherwise)
     seed: int = 0  # seed of the world and of every stage
-    stages: str = "pretrain,sft,rm,ppo,dpo"  # training stages to run, in order
+    stages: str = "pretrain,sft,rm,ppo,dpo,grpo"  # training stages to run, in order
     rerun: str = ""  # comma-separated stages to re-run even if done ("all" = every stage)
     online_dpo: bool = False  # add an online DPO stage (two rounds with RM labels) after offline DPO
     device: str = "auto"  # auto | cpu | cuda
@@ -67,7 +70,7 @@ class PipelineConfig:
 def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
     """(name, module, argv) for every training stage, wired parent -> child."""
     p, out, seed = PRESETS[cfg.preset], cfg.out, str(cfg.seed)
-    ck = {s: os.path.join(out, s, "ckpt.pt") for s in ("pretrain", "sft", "rm", "ppo", "dpo", "online_dpo")}
+    ck = {s: os.path.join(out, s, "ckpt.pt") for s in ("pretrain", "sft", "rm", "dpo")}
     w = lambda name: os.path.join(world_dir, name)
     common_args = {"seed": seed, "device": cfg.device}
     plan = {
@@ -78,6 +81,7 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
                           "norm_data": w("sft_train.jsonl")}),
         "ppo": (train_ppo, {"init": ck["sft"], "reward_model": ck["rm"], "prompts": w("prompts_rl.jsonl")}),
         "dpo": (train_dpo, {"init": ck["sft"], "data": w("prefs_train.jsonl"), "val_data": w("prefs_val.jsonl")}),
+        "grpo": (train_grpo, {"init": ck["sft"], "reward_model": ck["rm"], "prompts": w("prompts_rl.jsonl")}),
         "online_dpo": (train_dpo, {"init": ck["dpo"], "epochs": "0", "online_rounds": "2", "reward_model": ck["rm"],
                                    "online_prompts": w("prompts_rl.jsonl"), "val_data": w("prefs_val.jsonl")}),
     }
@@ -98,7 +102,7 @@ def run_stage(name, module, args: dict, force: bool) -> float:
     """Run one stage unless its done.json matches (config hash + parent checkpoint hash). Returns wall seconds."""
     argv = [x for k, v in args.items() for x in (f"--{k}", str(v))]
     cfg_cls = {train_pretrain: train_pretrain.PretrainConfig, train_sft: train_sft.SFTConfig, train_rm: train_rm.RMConfig,
-               train_ppo: train_ppo.PPOConfig, train_dpo: train_dpo.DPOConfig}[module]
+               train_ppo: train_ppo.PPOConfig, train_dpo: train_dpo.DPOConfig, train_grpo: train_grpo.GRPOConfig}[module]
     stage_cfg = common.parse_config(cfg_cls, argv)
     parent = getattr(stage_cfg, "init", "")
     stamp = {"config": common.config_hash(stage_cfg), "parent": common.file_hash(parent) if parent else None}

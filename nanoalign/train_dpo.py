@@ -183,7 +183,7 @@ def train(cfg: DPOConfig):
         nonlocal step
         first = step
         per_rank = cfg.batch_size * cfg.grad_accum
-        bar = tqdm(total=n_steps, disable=not d.master, desc=f"dpo {tag}", dynamic_ncols=True)
+        bar = common.progress(n_steps, 0, f"dpo {tag}", not d.master)
         t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else first + n_steps
         while step < min(first + n_steps, last):
             lr = common.lr_at(step - first, n_steps, cfg.lr, cfg.warmup, schedule="linear")

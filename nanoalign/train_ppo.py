@@ -223,7 +223,7 @@ def train(cfg: PPOConfig):
                                    tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init),
                                    rng=rngs, generators=gens)
 
-    bar = tqdm(total=cfg.iterations, initial=it, disable=not d.master, desc="ppo", dynamic_ncols=True)
+    bar = common.progress(cfg.iterations, it, "ppo", not d.master)
     last = cfg.stop_at if cfg.stop_at > 0 else cfg.iterations
     while it < min(cfg.iterations, last):
         t0 = time.time()

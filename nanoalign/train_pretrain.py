@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # `torchrun nanoalign/train_pretrain.py` runs thi
 from nanoalign import common
 from nanoalign.model import GPT, GPTConfig, load_gpt2
 from nanoalign.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+from nanoalign.world import entropy_floor_nats_per_token
 
 
 @dataclass
@@ -128,6 +129,9 @@ def train(cfg: PretrainConfig):
     val_data = tokenize_file(cfg.val_data, tok) if cfg.val_data else data[int(0.95 * len(data)):]
     if not cfg.val_data:
         data = data[:int(0.95 * len(data))]
+    floor = None  # the built-in world knows its own probabilities: the best achievable validation loss
+    if d.master and cfg.val_data and os.path.exists(os.path.join(os.path.dirname(cfg.val_data), "pretrain_val_logp.json")):
+        floor = entropy_floor_nats_per_token(os.path.dirname(cfg.val_data), tok)
 
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(cfg.block_size, tok.n_vocab, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout))
@@ -162,7 +166,7 @@ def train(cfg: PretrainConfig):
                                    step=step, config=asdict(cfg), tokenizer=tok.name, tokenizer_path=cfg.tokenizer,
                                    parent=cfg.init_from if cfg.init_from != "scratch" else None, rng=rngs)
 
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.master, desc="pretrain", dynamic_ncols=True)
+    bar = common.progress(cfg.max_steps, step, "pretrain", not d.master)
     t0, last_stop = time.time(), cfg.stop_at if cfg.stop_at > 0 else cfg.max_steps
     while step < min(cfg.max_steps, last_stop):
         lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
@@ -189,9 +193,11 @@ def train(cfg: PretrainConfig):
         row = dict(step=step, loss=loss_avg, lr=lr, tokens_per_s=tokens_per_step / dt)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             row["val_loss"] = estimate_loss(raw_model, val_data, cfg, d)
+            row["entropy_floor"] = floor
             save()
             if d.master:
-                tqdm.write(f"step {step}: train loss {loss_avg:.4f}, val loss {row['val_loss']:.4f}")
+                tqdm.write(f"step {step}: train loss {loss_avg:.4f}, val loss {row['val_loss']:.4f}"
+                           + (f" (entropy floor {floor:.4f})" if floor else ""))
         log.log(**row)
         if stop.should_stop():
             break

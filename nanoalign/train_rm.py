@@ -165,7 +165,7 @@ def train(cfg: RMConfig):
                                    tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init), rng=rngs,
                                    reward_offset=offset, metrics=metrics)
 
-    bar = tqdm(total=max_steps, initial=step, disable=not d.master, desc="rm", dynamic_ncols=True)
+    bar = common.progress(max_steps, step, "rm", not d.master)
     t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else max_steps
     while step < min(max_steps, last):
         lr = common.lr_at(step, max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)

@@ -143,7 +143,7 @@ def train(cfg: SFTConfig):
                 tqdm.write(f"  {tok.decode(p)!r} -> {tok.decode(row_tokens[P:].tolist())!r}")
         return row
 
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.master, desc="sft", dynamic_ncols=True)
+    bar = common.progress(cfg.max_steps, step, "sft", not d.master)
     t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else cfg.max_steps
     while step < min(cfg.max_steps, last):
         lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)

@@ -1,0 +1,196 @@
+"""Stage-level invariants on real (micro) checkpoints: reward reading, PPO's first step, frozen models, masking,
+bit-exact resume, clear errors. The micro pipeline runs once per session (conftest.micro_run)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoalign import common
+from nanoalign.data import load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
+from nanoalign.generate import pad_left
+from nanoalign.rl import kl_estimates, load_reward_model, rollout, score_last_token
+from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.train_dpo import concatenated_logps
+from nanoalign.train_ppo import PPOConfig, advantages_and_returns, ppo_update
+from nanoalign.train_rm import pair_rewards, reward_offset
+from nanoalign.train_sft import collate, sft_loss
+
+
+def ckpt(run, stage):
+    return str(run / stage / "ckpt.pt")
+
+
+def world(run, name):
+    return str(run / "world" / name)
+
+
+def load(run, stage):
+    c = common.load_checkpoint(ckpt(run, stage))
+    return common.build_model(c).eval(), load_tokenizer(c["tokenizer_path"]), c
+
+
+# ------------------------------------------------------------------------------------------------ reward model
+
+def test_reward_is_read_at_the_last_real_token_whatever_the_padding(micro_run):
+    rm, tok, _ = load(micro_run, "rm")
+    ex = load_prefs(world(micro_run, "prefs_val.jsonl"))[0]
+    p, c, _ = tokenize_pref(tok, ex, 128)
+    seq = torch.tensor([p + c])
+    base = score_last_token(rm, seq, torch.ones_like(seq, dtype=torch.bool))
+    right = torch.cat([seq, torch.full((1, 7), tok.pad_id)], 1)
+    right_mask = torch.cat([torch.ones(1, seq.size(1), dtype=torch.bool), torch.zeros(1, 7, dtype=torch.bool)], 1)
+    left, left_mask = pad_left([p + c, [1] * (len(p + c) + 9)], tok.pad_id)
+    assert torch.allclose(score_last_token(rm, right, right_mask), base, atol=1e-5)
+    assert torch.allclose(score_last_token(rm, left[:1], left_mask[:1]), base, atol=1e-5)
+    garbage = right.clone()
+    garbage[0, -7:] = 5  # what sits in the padding is never read
+    assert torch.allclose(score_last_token(rm, garbage, right_mask), base, atol=1e-5)
+    changed = seq.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % tok.pad_id  # the last real token is read
+    assert not torch.allclose(score_last_token(rm, changed, torch.ones_like(changed, dtype=torch.bool)), base)
+
+
+def test_pair_rewards_do_not_depend_on_batch_composition(micro_run):
+    rm, tok, _ = load(micro_run, "rm")
+    pairs = [tokenize_pref(tok, ex, 128) for ex in load_prefs(world(micro_run, "prefs_val.jsonl"))[:6]]
+    c_all, r_all = pair_rewards(rm, pairs, tok.pad_id, "cpu")
+    c_one, r_one = pair_rewards(rm, pairs[2:3], tok.pad_id, "cpu")
+    assert torch.allclose(c_all[2], c_one[0], atol=1e-5) and torch.allclose(r_all[2], r_one[0], atol=1e-5)
+
+
+def test_reward_offset_gives_the_sft_references_mean_zero(micro_run):
+    rm, offset = load_reward_model(ckpt(micro_run, "rm"))
+    _, tok, _ = load(micro_run, "rm")
+    raw = reward_offset(rm, tok, world(micro_run, "sft_train.jsonl"), 32, 128, "cpu")
+    assert abs(raw - offset) < 1e-5  # the stored offset is the references' mean, so their shifted mean is 0
+
+
+# ------------------------------------------------------------------------------------------------ PPO
+
+def test_ppo_first_minibatch_has_ratio_one_and_kl_is_zero_at_init(micro_run):
+    sft, tok, _ = load(micro_run, "sft")
+    policy = copy.deepcopy(sft).add_scalar_head("zero")
+    ref = copy.deepcopy(sft).requires_grad_(False)
+    prompts = [render_chat(tok, [{"role": "user", "content": f"Tell me a story about a {a}."}], True)[0]
+               for a in ("cat", "dog", "bird", "fish")]
+    ro = rollout(policy, ref, prompts, tok.end_id, tok.pad_id, 24, 1.0, torch.Generator().manual_seed(0), True)
+    for k in kl_estimates(ro.logprobs, ro.ref_logprobs):
+        assert (k[ro.response_mask] == 0).all()
+    assert (ro.values == 0).all()  # zero-initialised value head
+    cfg = PPOConfig(batch_size=4, minibatches=2, ppo_epochs=1, iterations=1)
+    adv, ret, kl = advantages_and_returns(ro, torch.tensor([1.0, -1.0, 0.5, 0.0]), 0.05, cfg)
+    assert torch.equal(ret.sum(1) * 0, torch.zeros(4)) and (kl == 0).all()
+    before_ref = {k: v.clone() for k, v in ref.state_dict().items()}
+    opt = common.make_optimizer(policy, 1e-3, 0.0)
+    stats, _ = ppo_update(policy, opt, ro, adv, ret, cfg, 0, common.Dist())
+    ratio, clipfrac = stats[0][5], stats[0][3]
+    assert abs(ratio - 1) < 1e-6 and clipfrac == 0
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in before_ref.items())  # the reference never moves
+
+
+def test_ppo_no_end_penalty_and_pluggable_reward_reach_the_rollout_scores(micro_run, tmp_path):
+    """A custom reward of +5 for every answer; with 2 new tokens no answer can end, so every score must be -1."""
+    (tmp_path / "myreward.py").write_text("def five(prompts, responses):\n    return [5.0 for _ in responses]\n")
+    sys.path.insert(0, str(tmp_path))
+    from nanoalign import train_ppo
+    out = tmp_path / "ppo"
+    train_ppo.main(["--init", ckpt(micro_run, "sft"), "--reward", "myreward:five", "--prompts",
+                    world(micro_run, "prompts_rl.jsonl"), "--iterations", "1", "--batch_size", "4", "--minibatches", "1",
+                    "--ppo_epochs", "1", "--max_new_tokens", "2", "--out_dir", str(out), "--log_gold", "false"])
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert rows[0]["end_rate"] == 0 and rows[0]["score"] == -1.0
+
+
+# ------------------------------------------------------------------------------------------------ SFT / DPO plumbing
+
+def test_sft_labels_cover_only_the_answer_and_padding_does_not_change_the_loss(micro_run):
+    sft, tok, _ = load(micro_run, "sft")
+    examples = [tokenize_sft(tok, m, 128) for m in load_sft(world(micro_run, "sft_val.jsonl"))[:3]]
+    tokens, labels, mask = collate(examples, tok.pad_id, "cpu")
+    n = int((labels[:, 1:] != -100).sum())
+    loss = sft_loss(sft(tokens, pad_mask=mask), labels, n)
+    more = [(ids, lab) for ids, lab in examples] + [([tok.user_id, 5, tok.end_id], [-100, -100, -100])]
+    t2, l2, m2 = collate(more, tok.pad_id, "cpu")
+    t2 = torch.cat([t2, torch.full((4, 5), tok.pad_id)], 1)
+    l2, m2 = torch.cat([l2, torch.full((4, 5), -100)], 1), torch.cat([m2, torch.zeros(4, 5, dtype=torch.bool)], 1)
+    assert torch.allclose(sft_loss(sft(t2, pad_mask=m2), l2, n), loss, atol=1e-5)
+    ids, lab = examples[0]
+    answer_start = ids.index(tok.assistant_id) + 1
+    assert all(x == -100 for x in lab[:answer_start]) and lab[answer_start:] == ids[answer_start:]
+    assert lab[-1] == tok.end_id  # the stop token is trained
+
+
+def test_dpo_logps_do_not_depend_on_padding_or_batch_composition(micro_run):
+    sft, tok, _ = load(micro_run, "sft")
+    pairs = [tokenize_pref(tok, ex, 128) for ex in load_prefs(world(micro_run, "prefs_val.jsonl"))[:5]]
+    c_all, r_all = concatenated_logps(sft, pairs, tok.pad_id, "cpu")
+    c_one, r_one = concatenated_logps(sft, pairs[3:4], tok.pad_id, "cpu")
+    assert torch.allclose(c_all[3], c_one[0], atol=1e-4) and torch.allclose(r_all[3], r_one[0], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ resume, errors
+
+STAGE_ARGS = {
+    "train_pretrain": lambda r: ["--data", world(r, "pretrain.txt"), "--val_data", world(r, "pretrain_val.txt"),
+                                 "--tokenizer", world(r, "tok512.tiktoken"), "--n_layer", "1", "--n_embd", "32",
+                                 "--n_head", "2", "--max_steps", "6", "--batch_size", "4", "--eval_interval", "100",
+                                 "--eval_batches", "1"],
+    "train_sft": lambda r: ["--init", ckpt(r, "pretrain"), "--data", world(r, "sft_train.jsonl"), "--val_data", "",
+                            "--max_steps", "6", "--batch_size", "4", "--eval_interval", "100", "--dropout", "0.1"],
+    "train_rm": lambda r: ["--init", ckpt(r, "sft"), "--data", world(r, "prefs_train.jsonl"), "--val_data", "",
+                           "--norm_data", "", "--epochs", "0.06", "--batch_size", "4", "--eval_interval", "100"],
+    "train_dpo": lambda r: ["--init", ckpt(r, "sft"), "--data", world(r, "prefs_train.jsonl"), "--val_data", "",
+                            "--epochs", "0.06", "--batch_size", "4", "--eval_interval", "100"],
+    "train_ppo": lambda r: ["--init", ckpt(r, "sft"), "--reward_model", ckpt(r, "rm"), "--prompts",
+                            world(r, "prompts_rl.jsonl"), "--iterations", "4", "--batch_size", "4", "--minibatches", "2",
+                            "--ppo_epochs", "1", "--max_new_tokens", "12", "--adaptive_kl", "true", "--save_interval",
+                            "100"],
+    "train_grpo": lambda r: ["--init", ckpt(r, "sft"), "--reward_model", ckpt(r, "rm"), "--prompts",
+                             world(r, "prompts_rl.jsonl"), "--iterations", "4", "--prompts_per_iter", "2",
+                             "--group_size", "2", "--minibatches", "1", "--ppo_epochs", "1", "--max_new_tokens", "12",
+                             "--save_interval", "100"],
+}
+STOP_AT = {"train_pretrain": 3, "train_sft": 3, "train_rm": 2, "train_dpo": 2, "train_ppo": 2, "train_grpo": 2}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_ARGS))
+def test_resume_after_a_stop_equals_an_uninterrupted_run(micro_run, tmp_path, stage):
+    import importlib
+    module = importlib.import_module(f"nanoalign.{stage}")
+    args = STAGE_ARGS[stage](micro_run)
+    module.main(args + ["--out_dir", str(tmp_path / "full")])
+    module.main(args + ["--out_dir", str(tmp_path / "split"), "--stop_at", str(STOP_AT[stage])])
+    module.main(args + ["--out_dir", str(tmp_path / "split"), "--resume", "true"])
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"{stage}: {k} differs after resume"
+    key = "loss" if stage not in ("train_ppo", "train_grpo") else "score"
+    full = [r[key] for r in common.read_metrics(tmp_path / "full" / "metrics.jsonl") if key in r]
+    split = [r[key] for r in common.read_metrics(tmp_path / "split" / "metrics.jsonl") if key in r]
+    assert full == split
+
+
+def test_wrong_kind_of_checkpoint_and_bad_config_get_clear_errors(micro_run, capsys):
+    from nanoalign import train_ppo, train_sft
+    with pytest.raises(common.CheckpointError, match="is a 'rm' checkpoint"):
+        train_sft.main(["--init", ckpt(micro_run, "rm"), "--data", world(micro_run, "sft_train.jsonl")])
+    for argv, field in [(["--beta_typo", "1"], "beta_typo"), (["--batch_size", "x"], "batch_size"),
+                        (["--batch_size", "6", "--minibatches", "4"], "batch_size"), (["--kl_coef", "-1"], "kl_coef")]:
+        with pytest.raises(SystemExit):
+            train_ppo.main(argv)
+        assert field in capsys.readouterr().err
+
+
+def test_stage_files_run_as_torchrun_scripts_with_help():
+    """`torchrun nanoalign/train_x.py` runs the file as a script: it must import and show --help."""
+    for stage in STAGE_ARGS:
+        out = subprocess.run([sys.executable, f"nanoalign/{stage}.py", "--help"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert out.returncode == 0 and "--out_dir" in out.stdout, out.stderr
