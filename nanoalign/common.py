@@ -64,7 +64,7 @@ def parse_config(cls, argv=None, doc: str | None = None):
             typ = (lambda c: lambda s: None if s.lower() == "none" else c(s))(conv)
         parser.add_argument(f"--{f.name}", f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=default,
                             metavar=type(default).__name__ if default is not None else "X",
-                            help=f"{comments.get(f.name, '')} (default: {default})")
+                            help=f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%"))
     args = parser.parse_args(argv)
     cfg = cls(**vars(args))
     if hasattr(cfg, "validate"):
@@ -133,13 +133,18 @@ def unwrap(model):
 
 
 def autocast(device: str, dtype: str):
-    """bf16/fp16 autocast on CUDA (and CPU if asked); fp32 = no autocast."""
-    if dtype == "float32":
+    """bf16/fp16 autocast on CUDA (and CPU if asked); float32 and float64 = no autocast."""
+    if dtype in ("float32", "float64"):
         return nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
+
+def with_precision(model, dtype: str):
+    """float64 weights for exact comparisons (the DDP tests); other dtypes keep fp32 weights (autocast does the rest)."""
+    return model.double() if dtype == "float64" else model
+
 
 def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-8, device="cpu"):
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on biases and LayerNorm gains."""

@@ -80,15 +80,19 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, end_id: 
     return tokens, mask, P
 
 
+def upcast(x):
+    """At least fp32 for softmaxes and losses: bf16 logits are upcast, fp64 (used by the DDP tests) stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def logprobs_from_logits(logits, labels):
     """log softmax(logits)[label], in fp32 (bf16 log-softmax makes PPO ratios and KL noisy). (B, T, V) -> (B, T)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (fp64 stays fp64)
-    return torch.gather(F.log_softmax(logits, -1), 2, labels.unsqueeze(-1)).squeeze(-1)
+    return torch.gather(F.log_softmax(upcast(logits), -1), 2, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits):
     """-sum p log p = logsumexp(z) - sum softmax(z) z, per position. (B, T, V) -> (B, T)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = upcast(logits)
     return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoalign.common import all_reduce_sum
-from nanoalign.generate import generate, last_true, response_logprobs
+from nanoalign.generate import generate, last_true, response_logprobs, upcast
 from nanoalign.tokenizer import render_chat
 
 
@@ -55,7 +55,7 @@ def score_last_token(reward_model, tokens, pad_mask, offset: float = 0.0):
     """The reward model's scalar at each row's last real token (the <|end|>, or the last token if it never ended),
     minus the normalisation offset. Padding anywhere (left or right) is never read. (B, T) -> (B,)"""
     scores = reward_model(tokens, pad_mask=pad_mask, output="scalar")  # (B, T)
-    return scores.gather(1, last_true(pad_mask)[:, None]).squeeze(1).float() - offset
+    return upcast(scores.gather(1, last_true(pad_mask)[:, None]).squeeze(1)) - offset
 
 
 @dataclass
@@ -84,7 +84,7 @@ def rollout(policy, ref, prompts, end_id, pad_id, max_new_tokens, temperature, g
     policy.eval()
     if with_values:
         logits, values = policy(tokens, pad_mask=pad_mask, output="both")
-        values = values[:, P - 1:-1].float()  # V(s_t) read at the state that predicts response token t
+        values = upcast(values[:, P - 1:-1])  # V(s_t) read at the state that predicts response token t
     else:
         logits, values = policy(tokens, pad_mask=pad_mask), None
     logprobs = response_logprobs(logits, tokens, P, temperature)

@@ -36,6 +36,7 @@ if __package__ in (None, ""):
 
 from nanoalign import common
 from nanoalign.data import load_prefs, load_prompts, pad, tokenize_pref
+from nanoalign.generate import upcast
 from nanoalign.model import set_dropout
 from nanoalign.rl import load_reward_model, rollout_pairs
 from nanoalign.tokenizer import load_tokenizer, render_chat
@@ -70,7 +71,7 @@ class DPOConfig:
     max_new_tokens: int = 80  # response length limit in online rounds
     seed: int = 0  # data order and sampling
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped (offline pass)
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
 
@@ -102,7 +103,7 @@ def sequence_logps(logits, labels):
     """Sum of log p(label) over the response tokens (labels != -100), shifted by one. (B, T, V), (B, T) -> (B,)"""
     labels = labels[:, 1:]
     mask = labels != -100
-    logp = torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.gather(F.log_softmax(upcast(logits[:, :-1]), -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(-1)
 
 
@@ -129,6 +130,7 @@ def train(cfg: DPOConfig):
     parent = common.load_checkpoint(cfg.init, stages=["sft", "dpo", "ppo", "grpo"])
     tok = load_tokenizer(parent["tokenizer_path"])
     policy = set_dropout(common.build_model(parent, d.device), 0.0)
+    policy = common.with_precision(policy, cfg.dtype)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     max_len = cfg.max_len or policy.config.block_size
     common.check(max_len <= policy.config.block_size, "max_len", f"{max_len} > the model's block_size")
@@ -177,13 +179,12 @@ def train(cfg: DPOConfig):
         raw_policy.train()
         return {"val_accuracy": torch.cat(acc).mean().item(), "val_margin": torch.cat(margin).mean().item()}
 
-    def run_pass(pairs, tag: str, n_steps: int, seed: int, local: bool):
+    def run_pass(pairs, tag: str, first: int, n_steps: int, seed: int, local: bool):
         """n_steps optimizer steps of the DPO loss over `pairs`. The offline pass slices one global batch across ranks
         (so 2 ranks = 1 process); in online rounds each rank trains on the pairs it sampled itself (local=True)."""
         nonlocal step
-        first = step
         per_rank = cfg.batch_size * cfg.grad_accum
-        bar = common.progress(n_steps, 0, f"dpo {tag}", not d.master)
+        bar = common.progress(n_steps, step - first, f"dpo {tag}", not d.master)
         t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else first + n_steps
         while step < min(first + n_steps, last):
             lr = common.lr_at(step - first, n_steps, cfg.lr, cfg.warmup, schedule="linear")
@@ -228,14 +229,13 @@ def train(cfg: DPOConfig):
 
     offline_steps = int(cfg.epochs * len(train_set) / global_batch) if train_set else 0
     # on --resume the offline pass continues from the saved step (online rounds are not resumable mid-way)
-    finished = run_pass(train_set, "offline", offline_steps - step, cfg.seed, local=False) if offline_steps > step \
-        else True
+    finished = run_pass(train_set, "offline", 0, offline_steps, cfg.seed, local=False) if offline_steps else True
     for rnd in range(cfg.online_rounds if finished else 0):
         pairs = online_pairs(cfg, d, tok, raw_policy, rnd, max_len)
         if cfg.online_update_ref:  # iterative DPO: the policy of the last round becomes the new reference
             ref.load_state_dict(raw_policy.state_dict())
             ref_memo.clear()
-        if not run_pass(pairs, f"online{rnd}", max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum)),
+        if not run_pass(pairs, f"online{rnd}", step, max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum)),
                         cfg.seed + 1 + rnd, local=True):
             break
     save()

@@ -39,7 +39,7 @@ if __package__ in (None, ""):
 
 from nanoalign import common
 from nanoalign.data import load_prompts
-from nanoalign.generate import entropy_from_logits, response_logprobs
+from nanoalign.generate import entropy_from_logits, response_logprobs, upcast
 from nanoalign.model import set_dropout
 from nanoalign.rl import kl_estimates, make_scorer, masked_mean, masked_sum, masked_whiten, rollout
 from nanoalign.tokenizer import load_tokenizer, render_chat
@@ -169,7 +169,7 @@ def ppo_update(policy, optimizer, ro, advantages, returns, cfg: PPOConfig, it: i
             with common.autocast(d.device, cfg.dtype):
                 logits, values = policy(ro.tokens[mb], pad_mask=ro.pad_mask[mb], output="both")
             new_logprobs = response_logprobs(logits, ro.tokens[mb], ro.P, cfg.temperature)
-            new_values = values[:, ro.P - 1:-1].float()
+            new_values = upcast(values[:, ro.P - 1:-1])
             loss, pg_loss, vf_loss, s = ppo_loss(new_logprobs, ro.logprobs[mb], advantages[mb], new_values,
                                                  ro.values[mb], returns[mb], m, n_tokens, cfg.cliprange,
                                                  cfg.cliprange_value, cfg.vf_coef)

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # `torchrun nanoalign/train_pretrain.py` runs thi
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common
+from nanoalign.generate import upcast
 from nanoalign.model import GPT, GPTConfig, load_gpt2
 from nanoalign.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from nanoalign.world import entropy_floor_nats_per_token
@@ -56,7 +57,7 @@ class PretrainConfig:
     eval_batches: int = 10  # batches per validation estimate
     seed: int = 0  # data order and initialisation
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
     compile: bool = False  # torch.compile the model (needs a C++ compiler; pays off on GPU)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to max_steps); for time-boxed runs and tests
@@ -65,7 +66,8 @@ class PretrainConfig:
         common.check(self.max_steps > 0, "max_steps", "must be > 0")
         common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
         common.check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} is not divisible by n_head {self.n_head}")
-        common.check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "float32, bfloat16 or float16")
+        common.check(self.dtype in ("float32", "bfloat16", "float16", "float64"), "dtype",
+                     "float32, bfloat16, float16 or float64")
         common.check(self.lr > 0, "lr", "must be > 0")
 
 
@@ -113,7 +115,7 @@ def estimate_loss(model, data, cfg, d):
         x, y = get_batch(data, -1 - i, cfg, 0, common.Dist(device=d.device), cfg.batch_size)
         with common.autocast(d.device, cfg.dtype):
             logits = model(x)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+        losses.append(F.cross_entropy(upcast(logits).flatten(0, 1), y.flatten()).item())
     model.train()
     return float(np.mean(losses))
 
@@ -139,6 +141,7 @@ def train(cfg: PretrainConfig):
         model = load_gpt2(cfg.init_from, cfg.block_size)
         assert model.config.vocab_size >= tok.n_vocab, "the GPT-2 checkpoint's vocabulary is smaller than the tokenizer's"
     model.to(d.device)
+    model = common.with_precision(model, cfg.dtype)
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device=d.device)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
@@ -178,7 +181,7 @@ def train(cfg: PretrainConfig):
             sync = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-batch (no_sync before)
             with (model.no_sync() if d.ddp and not sync else common.nullcontext()), common.autocast(d.device, cfg.dtype):
                 logits = model(x)  # (B, T, V)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
+                loss = F.cross_entropy(upcast(logits).flatten(0, 1), y.flatten()) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
         if cfg.grad_clip > 0:

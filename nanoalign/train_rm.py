@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 
 from nanoalign import common
 from nanoalign.data import load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
+from nanoalign.generate import upcast
 from nanoalign.model import set_dropout
 from nanoalign.rl import score_last_token
 from nanoalign.tokenizer import load_tokenizer
@@ -57,7 +58,7 @@ class RMConfig:
     eval_interval: int = 100  # steps between validation passes and checkpoints
     seed: int = 0  # data order
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
 
@@ -86,7 +87,7 @@ def pair_rewards(model, pairs, pad_id, device, offset=0.0):
     """One forward for chosen and rejected; returns (chosen_rewards (B,), rejected_rewards (B,))."""
     tokens, mask = pair_batch(pairs, pad_id, device)
     scores = model(tokens, pad_mask=mask, output="scalar")  # (2B, T)
-    r = scores.gather(1, (mask.sum(1) - 1)[:, None]).squeeze(1).float() - offset  # right-padded: last real = len - 1
+    r = upcast(scores.gather(1, (mask.sum(1) - 1)[:, None]).squeeze(1)) - offset  # right-padded: last real = len - 1
     return r[:len(pairs)], r[len(pairs):]
 
 
@@ -133,6 +134,7 @@ def train(cfg: RMConfig):
     tok = load_tokenizer(parent["tokenizer_path"])
     model = set_dropout(common.build_model(parent, d.device), 0.0)  # no dropout in reward models (Huang et al.)
     model.add_scalar_head("reward")
+    model = common.with_precision(model, cfg.dtype)
     max_len = cfg.max_len or model.config.block_size
     common.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the model's block_size")
     raw_train = load_prefs(cfg.data, cfg.skip_bad)

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # `torchrun nanoalign/train_sft.py` runs this fil
 
 from nanoalign import common
 from nanoalign.data import load_sft, pad, tokenize_sft
-from nanoalign.generate import generate
+from nanoalign.generate import generate, upcast
 from nanoalign.model import set_dropout
 from nanoalign.tokenizer import load_tokenizer, render_chat
 
@@ -53,7 +53,7 @@ class SFTConfig:
     n_samples: int = 3  # fixed validation prompts whose greedy answers are printed at each evaluation
     seed: int = 0  # data order
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to max_steps)
@@ -68,7 +68,7 @@ class SFTConfig:
 def sft_loss(logits, labels, n_tokens):
     """Summed cross-entropy of the labelled (response) tokens divided by n_tokens, the number of response tokens in
     the whole optimizer batch. logits (B, T, V) predict labels (B, T) shifted by one; -100 = not trained."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+    return F.cross_entropy(upcast(logits[:, :-1]).flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
                            reduction="sum") / n_tokens
 
 
@@ -102,6 +102,7 @@ def train(cfg: SFTConfig):
     parent = common.load_checkpoint(cfg.init, stages=["pretrain", "sft", "distill", "dpo", "ppo", "grpo"])
     tok = load_tokenizer(parent["tokenizer_path"])
     model = set_dropout(common.build_model(parent, d.device), cfg.dropout)
+    model = common.with_precision(model, cfg.dtype)
     max_len = cfg.max_len or model.config.block_size
     common.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the model's block_size")
     train_set = [tokenize_sft(tok, msgs, max_len) for msgs in load_sft(cfg.data, cfg.skip_bad)]

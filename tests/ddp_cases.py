@@ -28,17 +28,17 @@ STAGES = {
     "pretrain": (train_pretrain, lambda r, world_size: [
         "--data", w(r, "pretrain.txt"), "--val_data", w(r, "pretrain_val.txt"), "--tokenizer", w(r, "tok512.tiktoken"),
         "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--max_steps", "3", "--eval_interval", "100",
-        "--lr", "1e-2", "--warmup", "0", "--batch_size", str(GLOBAL // world_size)]),
+        "--lr", "1e-2", "--warmup", "0", "--batch_size", str(GLOBAL // world_size), "--dtype", "float64"]),
     "sft": (train_sft, lambda r, world_size: [
         "--init", ck(r, "pretrain"), "--data", w(r, "sft_train.jsonl"), "--val_data", "", "--max_steps", "3",
-        "--lr", "1e-2", "--warmup", "0", "--eval_interval", "100", "--batch_size", str(GLOBAL // world_size)]),
+        "--lr", "1e-2", "--warmup", "0", "--eval_interval", "100", "--batch_size", str(GLOBAL // world_size), "--dtype", "float64"]),
     "rm": (train_rm, lambda r, world_size: [
         "--init", ck(r, "sft"), "--data", w(r, "prefs_train.jsonl"), "--val_data", "", "--norm_data", "",
         "--epochs", "0.06", "--lr", "1e-2", "--warmup", "0", "--eval_interval", "100",
-        "--batch_size", str(GLOBAL // world_size)]),
+        "--batch_size", str(GLOBAL // world_size), "--dtype", "float64"]),
     "dpo": (train_dpo, lambda r, world_size: [
         "--init", ck(r, "sft"), "--data", w(r, "prefs_train.jsonl"), "--val_data", "", "--epochs", "0.06",
-        "--lr", "1e-2", "--warmup", "0", "--eval_interval", "100", "--batch_size", str(GLOBAL // world_size)]),
+        "--lr", "1e-2", "--warmup", "0", "--eval_interval", "100", "--batch_size", str(GLOBAL // world_size), "--dtype", "float64"]),
     "ppo": (train_ppo, lambda r, world_size: [
         "--init", ck(r, "sft"), "--reward_model", ck(r, "rm"), "--prompts", w(r, "prompts_rl.jsonl"),
         "--iterations", "2", "--batch_size", "4", "--minibatches", "2", "--ppo_epochs", "1", "--max_new_tokens", "10",

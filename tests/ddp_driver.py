@@ -21,23 +21,25 @@ from nanoalign import common  # noqa: E402
 def main():
     run, out = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
+    common.init_dist("cpu")
+    cleanup, common.cleanup_dist = common.cleanup_dist, lambda: None  # one process group for every stage
     sums = {}
     for name, (module, argv) in STAGES.items():
         args = argv(run, world_size=2) + ["--out_dir", os.path.join(out, "ddp", name)]
         model = module.main(args)
-        sums[name] = [float(p.double().sum()) for p in model.parameters()]
+        sums[name] = [float(p.detach().double().sum()) for p in model.parameters()]
         if name == "ppo":
+            torch.distributed.barrier()  # rank 0 writes the checkpoint
             ck = torch.load(os.path.join(out, "ddp", name, "ckpt.pt"), weights_only=False)
             sums["ppo_kl_coef"] = ck["kl_coef"]
-    common.init_dist("cpu")
     for whiten in ("global", "local"):
         model = fixed_rollout_update(run, whiten)
-        sums[f"ppo_fixed_rollout_{whiten}"] = [float(p.double().sum()) for p in model.parameters()]
+        sums[f"ppo_fixed_rollout_{whiten}"] = [float(p.detach().double().sum()) for p in model.parameters()]
         if rank == 0:
             torch.save(model.state_dict(), os.path.join(out, f"ppo_fixed_{whiten}_ddp.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(sums, f)
-    common.cleanup_dist()
+    cleanup()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """DDP: one torchrun launch (2 ranks, gloo, CPU) runs every stage; the ranks must agree, and for the stages with a
-fixed global batch rank 0's weights must equal one process trained on the same global batch. PPO's update is checked
+fixed global batch rank 0's weights must equal one process trained on the same global batch (in float64: in float32,
+Adam turns the rounding noise of exactly-zero gradients, such as attention key biases', into visible updates). PPO's update is checked
 on a fixed rollout, with a negative control: per-rank advantage whitening must NOT match one process."""
 
 import json
@@ -46,7 +47,7 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(ddp_run, micro_run
                       weights_only=False)["model"]
     moved = 0.0
     for k, v in single.state_dict().items():
-        assert torch.allclose(v, ddp[k], atol=2e-5, rtol=1e-4), f"{name}: {k} differs between 2 ranks and 1 process"
+        assert torch.allclose(v, ddp[k], atol=1e-9, rtol=1e-7), f"{name}: {k} differs between 2 ranks and 1 process"
         if name != "pretrain" and k in init:
             moved = max(moved, (v - init[k]).abs().max().item())
     assert name == "pretrain" or moved > 1e-2  # the weights really moved, far beyond the tolerance

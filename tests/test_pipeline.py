@@ -2,7 +2,6 @@
 finished stages, and re-running a stage whose config changed."""
 
 import json
-import shutil
 
 from nanoalign import pipeline
 
@@ -27,17 +26,16 @@ def test_micro_pipeline_writes_every_checkpoint_and_a_complete_report(micro_run)
     assert (micro_run / "report.md").exists() and (micro_run / "training_curves.png").exists()
 
 
-def test_pipeline_skips_finished_stages_and_reruns_a_stage_whose_config_changed(micro_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(micro_run, run)
-    argv = ["--preset", "micro", "--out", str(run), "--stages", "pretrain,sft"]
+def test_pipeline_skips_finished_stages_and_reruns_a_stage_whose_config_changed(tmp_path, capsys):
+    argv = ["--preset", "micro", "--out", str(tmp_path / "run"), "--stages", "pretrain,sft"]
+    pipeline.main(argv)
     capsys.readouterr()
     pipeline.main(argv)
     out = capsys.readouterr().out
     assert "pretrain: done" in out and "sft: done" in out
-    done = json.loads((run / "sft" / "done.json").read_text())
+    done = json.loads((tmp_path / "run" / "sft" / "done.json").read_text())
     done["config"] = "stale"  # as if the SFT config had changed since it ran
-    (run / "sft" / "done.json").write_text(json.dumps(done))
+    (tmp_path / "run" / "sft" / "done.json").write_text(json.dumps(done))
     pipeline.main(argv)
     out = capsys.readouterr().out
     assert "pretrain: done" in out and "sft: config or parent checkpoint changed" in out
