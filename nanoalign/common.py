@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -126,6 +126,18 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def wrap_ddp(model, d: Dist):
+    """DistributedDataParallel around the trained module only (frozen reference and reward models stay plain)."""
+    if not d.ddp:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if "cuda" in d.device else None)
+
+
+def no_sync_unless(model, d: Dist, sync: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation window."""
+    return model.no_sync() if d.ddp and not sync else nullcontext()
+
+
 def unwrap(model):
     """The plain module under DDP and torch.compile wrappers: what we save and what generation calls."""
     model = getattr(model, "module", model)
@@ -142,7 +154,7 @@ def autocast(device: str, dtype: str):
 # ---------------------------------------------------------------------------------------------- optimisation
 
 def with_precision(model, dtype: str):
-    """float64 weights for exact comparisons (the DDP tests); other dtypes keep fp32 weights (autocast does the rest)."""
+    """float64 weights for exact comparisons (the DDP tests); other dtypes keep fp32 weights and use autocast."""
     return model.double() if dtype == "float64" else model
 
 
@@ -319,6 +331,18 @@ def gather_rng_states(d: Dist) -> list:
     else:
         states = [rng_state()]
     return states
+
+
+def save_stage(path: str, d: Dist, stage: str, model, optimizer, step: int, cfg, tok, tokenizer_path: str,
+               parent: str | None, **extra):
+    """Every rank's RNG state is gathered (a collective, so all ranks call this); rank 0 writes one atomic file with
+    the lineage (stage, parent, tokenizer) and everything --resume needs."""
+    rngs = gather_rng_states(d)
+    if d.master:
+        save_checkpoint(path, stage=stage, model=model_state(model), model_config=asdict(unwrap(model).config),
+                        optimizer=optimizer.state_dict(), step=step, config=asdict(cfg), tokenizer=tok.name,
+                        tokenizer_path=tokenizer_path, parent=os.path.abspath(parent) if parent else None, rng=rngs,
+                        **extra)
 
 
 def restore(ckpt: dict, model, optimizer, d: Dist) -> int:

@@ -4,7 +4,8 @@ Evaluation: what did each stage do to the model's answers? For every checkpoint,
 
     gold_score       mean score of the built-in world's judge (null when there is no judge, e.g. on your own data)
     rm_score         mean score of the learned reward model (minus its offset)
-    kl_to_sft        sequence-level KL(pi || pi_sft), Monte Carlo: mean over samples of sum_t log pi(y_t) - log pi_sft(y_t)
+    kl_to_sft        sequence-level KL(pi || pi_sft), Monte Carlo: mean over samples of
+                     sum_t [log pi(y_t) - log pi_sft(y_t)]
                      (both at the sampling temperature)
     win_rate_vs_sft  P(gold(model answer) > gold(SFT answer)) on the same prompts, ties as 1/2, with a 95% CI; SFT's
                      own win rate is computed against a second, independent set of SFT samples (so it is ~0.5)
@@ -151,9 +152,9 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
                                                           "samples": r["samples"]}
     if has_rm:
         rm_metrics = common.load_checkpoint(stage_ckpt("rm")).get("metrics") or {}
-        stages["rm"] = {"val_accuracy": rm_metrics.get("val_accuracy"), "gold_agreement": rm_metrics.get("gold_agreement"),
-                        "wall_seconds": wall.get("rm", 0.0)} | {k: v for k, v in rm_metrics.items() if "bucket" in k
-                                                               or k.startswith("gold_agreement_")}
+        stages["rm"] = {"val_accuracy": rm_metrics.get("val_accuracy"), "wall_seconds": wall.get("rm", 0.0),
+                        "gold_agreement": rm_metrics.get("gold_agreement")}
+        stages["rm"] |= {k: v for k, v in rm_metrics.items() if k.startswith("gold_agreement_")}  # per margin bucket
     world_stats = {}
     if os.path.exists(os.path.join(world_dir, "world.json")):
         with open(os.path.join(world_dir, "world.json")) as f:
@@ -162,12 +163,12 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
     val_losses = [r["val_loss"] for r in common.read_metrics(pre) if "val_loss" in r] if os.path.exists(pre) else []
     report = {"preset": preset, "machine": common.machine_name(), "total_seconds": time.time() - t_start,
               "stages": stages, "wall_seconds": wall,
-              "sampling": {"temperature": cfg.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": cfg.max_new_tokens,
-                           "n_prompts": cfg.n_prompts},
+              "sampling": {"temperature": cfg.temperature, "top_k": 0, "top_p": 1.0,
+                           "max_new_tokens": cfg.max_new_tokens, "n_prompts": cfg.n_prompts},
               "pretrain_val_loss": val_losses[-1] if val_losses else None,
               "entropy_floor": world_stats.get("entropy_floor_nats_per_token"),
-              "world": {k: world_stats.get(k) for k in ("world_hash", "judge_max", "sft_mean_gold", "expected_flip_rate",
-                                                        "empirical_flip_rate")}}
+              "world": {k: world_stats.get(k) for k in ("world_hash", "judge_max", "sft_mean_gold",
+                                                        "expected_flip_rate", "empirical_flip_rate")}}
     with open(os.path.join(run_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(run_dir, "report.md"), "w") as f:
@@ -185,8 +186,8 @@ def report_markdown(report) -> str:
              f"Machine: {report['machine']}. Total wall time: {report['total_seconds']:.0f} s. "
              f"Sampling: temperature {report['sampling']['temperature']}, no top-k/top-p, "
              f"{report['sampling']['max_new_tokens']} new tokens at most.", "",
-             "| stage | gold score | win rate vs SFT (95% CI) | KL to SFT | RM score | end rate | length | distinct-2 | "
-             "wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| stage | gold score | win rate vs SFT (95% CI) | KL to SFT | RM score | end rate | length "
+             "| distinct-2 | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in report["stages"].items():
         if name == "rm":
             continue

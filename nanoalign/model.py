@@ -17,7 +17,7 @@ Shape legend: B batch, T time (tokens in this call), S cached + new tokens, C n_
 import json
 import math
 import os
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -166,7 +166,7 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         past = cache.len if cache is not None else 0
-        assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
+        assert past + T <= self.config.block_size, f"{past + T} tokens > block_size {self.config.block_size}"
         if pad_mask is None and cache is None:
             pos, attn_mask = torch.arange(T, device=idx.device)[None], None  # plain causal: the fast kernel
         else:
@@ -201,10 +201,6 @@ def set_dropout(model: nn.Module, p: float = 0.0):
         if isinstance(m, nn.Dropout):
             m.p = p
     return model
-
-
-def model_config_dict(model: GPT) -> dict:
-    return asdict(model.config)
 
 
 # ----------------------------------------------------------------------------------------------------------------

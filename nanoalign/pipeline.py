@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,8 +101,9 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
 def run_stage(name, module, args: dict, force: bool) -> float:
     """Run one stage unless its done.json matches (config hash + parent checkpoint hash). Returns wall seconds."""
     argv = [x for k, v in args.items() for x in (f"--{k}", str(v))]
-    cfg_cls = {train_pretrain: train_pretrain.PretrainConfig, train_sft: train_sft.SFTConfig, train_rm: train_rm.RMConfig,
-               train_ppo: train_ppo.PPOConfig, train_dpo: train_dpo.DPOConfig, train_grpo: train_grpo.GRPOConfig}[module]
+    cfg_cls = {train_pretrain: train_pretrain.PretrainConfig, train_sft: train_sft.SFTConfig,
+               train_rm: train_rm.RMConfig, train_ppo: train_ppo.PPOConfig, train_dpo: train_dpo.DPOConfig,
+               train_grpo: train_grpo.GRPOConfig}[module]
     stage_cfg = common.parse_config(cfg_cls, argv)
     parent = getattr(stage_cfg, "init", "")
     stamp = {"config": common.config_hash(stage_cfg), "parent": common.file_hash(parent) if parent else None}

@@ -25,11 +25,10 @@ import copy
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +38,7 @@ from nanoalign.data import load_prefs, load_prompts, pad, tokenize_pref
 from nanoalign.generate import upcast
 from nanoalign.model import set_dropout
 from nanoalign.rl import load_reward_model, rollout_pairs
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -140,9 +139,9 @@ def train(cfg: DPOConfig):
     optimizer = common.make_optimizer(policy, cfg.lr, 0.0, device=d.device)
     raw_policy, step, ckpt_path = policy, 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        step = common.restore(common.load_checkpoint(ckpt_path, stages=["dpo"], tokenizer=tok.name), policy, optimizer, d)
-    if d.ddp:
-        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if "cuda" in d.device else None)
+        ckpt = common.load_checkpoint(ckpt_path, stages=["dpo"], tokenizer=tok.name)
+        step = common.restore(ckpt, policy, optimizer, d)
+    policy = common.wrap_ddp(policy, d)
     log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
     stop = common.StopSignal()
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
@@ -158,12 +157,8 @@ def train(cfg: DPOConfig):
         return torch.stack([ref_memo[k][0] for k in key]), torch.stack([ref_memo[k][1] for k in key])
 
     def save():
-        rngs = common.gather_rng_states(d)
-        if d.master:
-            common.save_checkpoint(ckpt_path, stage="dpo", model=common.model_state(raw_policy),
-                                   model_config=asdict(raw_policy.config), optimizer=optimizer.state_dict(),
-                                   step=step, config=asdict(cfg), tokenizer=tok.name,
-                                   tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init), rng=rngs)
+        common.save_stage(ckpt_path, d, "dpo", raw_policy, optimizer, step, cfg, tok, parent["tokenizer_path"],
+                          cfg.init)
 
     @torch.no_grad()
     def validate():
@@ -198,8 +193,7 @@ def train(cfg: DPOConfig):
                 batch = [pairs[i] for i in rows]
                 rc, rr = ref_logps([(tag, i) for i in rows], batch)
                 sync = micro == cfg.grad_accum - 1
-                with (policy.no_sync() if d.ddp and not sync else common.nullcontext()), \
-                        common.autocast(d.device, cfg.dtype):
+                with common.no_sync_unless(policy, d, sync), common.autocast(d.device, cfg.dtype):
                     pc, pr = concatenated_logps(policy, batch, tok.pad_id, d.device)
                     losses, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing, cfg.ipo,
                                               cfg.reference_free)

@@ -17,7 +17,8 @@ Rewards: the learned reward model, a verifiable reward (exact answers of the wor
 (an oracle ceiling, never evidence that the method works), or your own module:function.
 
     python -m nanoalign.train_grpo --init out/tiny/sft/ckpt.pt --reward rm --reward_model out/tiny/rm/ckpt.pt
-    python -m nanoalign.train_grpo --init out/tiny/sft/ckpt.pt --reward verifiable --prompts data/world/verifiable_train.jsonl
+    python -m nanoalign.train_grpo --init out/tiny/sft/ckpt.pt --reward verifiable \
+        --prompts data/world/verifiable_train.jsonl
     torchrun --standalone --nproc_per_node=2 nanoalign/train_grpo.py --init out/tiny/sft/ckpt.pt
 """
 
@@ -25,10 +26,9 @@ import copy
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +51,7 @@ class GRPOConfig:
     estimator: str = "grpo"  # "grpo" (group-normalised) or "rloo" (leave-one-out baseline)
     group_size: int = 4  # G: responses sampled per prompt
     prompts_per_iter: int = 16  # prompts per iteration per rank (rollouts = prompts_per_iter * group_size)
-    iterations: int = 60  # iterations (rollout + update)
+    iterations: int = 40  # iterations (rollout + update)
     minibatches: int = 4  # minibatches per epoch (each holds whole groups)
     ppo_epochs: int = 4  # passes over each rollout batch (1 = purely on-policy)
     max_new_tokens: int = 80  # response length limit
@@ -136,8 +136,7 @@ def train(cfg: GRPOConfig):
         it = common.restore(ckpt, policy, optimizer, d)
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
     raw_policy = policy
-    if d.ddp:
-        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if "cuda" in d.device else None)
+    policy = common.wrap_ddp(policy, d)
     log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
     stop = common.StopSignal()
     total_updates = cfg.iterations * cfg.ppo_epochs * cfg.minibatches
@@ -146,12 +145,8 @@ def train(cfg: GRPOConfig):
         gens = [generator.get_state()] * d.world
         if d.ddp:
             torch.distributed.all_gather_object(gens, generator.get_state())
-        rngs = common.gather_rng_states(d)
-        if d.master:
-            common.save_checkpoint(ckpt_path, stage="grpo", model=common.model_state(raw_policy),
-                                   model_config=asdict(raw_policy.config), optimizer=optimizer.state_dict(), step=it,
-                                   config=asdict(cfg), tokenizer=tok.name, tokenizer_path=parent["tokenizer_path"],
-                                   parent=os.path.abspath(cfg.init), rng=rngs, generators=gens)
+        common.save_stage(ckpt_path, d, "grpo", raw_policy, optimizer, it, cfg, tok, parent["tokenizer_path"], cfg.init,
+                          generators=gens)
 
     bar = common.progress(cfg.iterations, it, cfg.estimator, not d.master)
     last = cfg.stop_at if cfg.stop_at > 0 else cfg.iterations

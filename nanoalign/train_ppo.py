@@ -19,7 +19,8 @@ Implementation details (numbers from Huang et al. 2024, "The N Implementation De
 Value function: a zero-initialised scalar head on the policy's own trunk (Ziegler et al. 2019). It costs one head and
 no second forward; the price is that value-loss gradients also move the policy's trunk (hence vf_coef 0.1). Stiennon
 et al. use a separate critic initialised from the reward model instead: twice the memory and compute, more stable.
-Left out: reward whitening by default (--whiten_rewards turns it on), a separate critic, pretraining-loss mixing (PPO-ptx).
+Left out: reward whitening by default (--whiten_rewards turns it on), a separate critic, pretraining-loss mixing
+(InstructGPT's PPO-ptx).
 
     python -m nanoalign.train_ppo --init out/tiny/sft/ckpt.pt --reward_model out/tiny/rm/ckpt.pt
     torchrun --standalone --nproc_per_node=2 nanoalign/train_ppo.py --init out/tiny/sft/ckpt.pt
@@ -29,7 +30,7 @@ import copy
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -52,7 +53,7 @@ class PPOConfig:
     reward: str = "rm"  # "rm" (the learned reward model), "gold" (oracle: the world's judge), or "module:function"
     reward_model: str = "out/tiny/rm/ckpt.pt"  # the reward model checkpoint (with --reward rm)
     prompts: str = "data/world/prompts_rl.jsonl"  # JSONL records with a "prompt"
-    iterations: int = 60  # PPO iterations (rollout + update)
+    iterations: int = 40  # PPO iterations (rollout + update)
     batch_size: int = 64  # rollouts per iteration per rank
     minibatches: int = 4  # minibatches (optimizer steps) per PPO epoch
     ppo_epochs: int = 4  # passes over each rollout batch
@@ -128,7 +129,8 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
     vf_loss = 0.5 * masked_sum(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask) / n_tokens
     stats = {"clipfrac": masked_mean((pg_clipped > pg_unclipped).float(), mask).item(),
              "approxkl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask).item(),
-             "vf_clipfrac": masked_mean(((values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask).item(),
+             "vf_clipfrac": masked_mean(((values - returns) ** 2 < (values_clipped - returns) ** 2).float(),
+                                        mask).item(),
              "ratio": masked_mean(ratio, mask).item()}
     return pg_loss + vf_coef * vf_loss, pg_loss, vf_loss, stats
 
@@ -207,21 +209,16 @@ def train(cfg: PPOConfig):
         kl_coef = ckpt["kl_coef"]
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
     raw_policy = policy
-    if d.ddp:
-        policy = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if "cuda" in d.device else None)
+    policy = common.wrap_ddp(policy, d)
     log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
     stop = common.StopSignal()
 
     def save():
-        rngs, gens = common.gather_rng_states(d), [generator.get_state()] * d.world
+        gens = [generator.get_state()] * d.world
         if d.ddp:
             torch.distributed.all_gather_object(gens, generator.get_state())
-        if d.master:
-            common.save_checkpoint(ckpt_path, stage="ppo", model=common.model_state(raw_policy),
-                                   model_config=asdict(raw_policy.config), optimizer=optimizer.state_dict(),
-                                   step=it, config=asdict(cfg), tokenizer=tok.name, kl_coef=kl_coef,
-                                   tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init),
-                                   rng=rngs, generators=gens)
+        common.save_stage(ckpt_path, d, "ppo", raw_policy, optimizer, it, cfg, tok, parent["tokenizer_path"], cfg.init,
+                          kl_coef=kl_coef, generators=gens)
 
     bar = common.progress(cfg.iterations, it, "ppo", not d.master)
     last = cfg.stop_at if cfg.stop_at > 0 else cfg.iterations
@@ -248,15 +245,16 @@ def train(cfg: PPOConfig):
         # 4. statistics over all ranks, the KL controller, logging
         seq_kl = kl.sum(1)
         k3 = masked_sum(kl_estimates(ro.logprobs, ro.ref_logprobs)[2], mask, 1)
-        explained_var = 1 - (returns - ro.values)[mask].var(unbiased=False) / returns[mask].var(unbiased=False).clamp(min=1e-8)
+        residual, target = (returns - ro.values)[mask], returns[mask]
+        explained_var = 1 - residual.var(unbiased=False) / target.var(unbiased=False).clamp(min=1e-8)
         gold = gold_fn(batch_prompts, ro) if gold_fn else torch.zeros_like(scores)
         local = torch.tensor([scores.mean(), gold.mean(), seq_kl.mean(), k3.mean(), ro.ended.float().mean(),
                               mask.sum(1).float().mean(), explained_var, *torch.tensor(stats).mean(0)]).double()
         g = (common.all_reduce_sum(local) / d.world).tolist()
         if cfg.adaptive_kl:  # every rank applies the same all-reduced KL, so beta stays identical everywhere
             kl_coef = adaptive_kl_update(kl_coef, g[2], cfg.kl_target, cfg.batch_size * d.world, cfg.kl_horizon)
-        row = {"iter": it, "score": g[0], "gold": g[1] if gold_fn else None, "kl": g[2], "kl_k3": g[3], "end_rate": g[4],
-               "length": g[5], "explained_variance": g[6], "pg_loss": g[7], "vf_loss": g[8], "entropy": g[9],
+        row = {"iter": it, "score": g[0], "gold": g[1] if gold_fn else None, "kl": g[2], "kl_k3": g[3],
+               "end_rate": g[4], "length": g[5], "explained_variance": g[6], "pg_loss": g[7], "vf_loss": g[8], "entropy": g[9],
                "clipfrac": g[10], "approxkl": g[11], "ratio": g[12], "kl_coef": kl_coef, "lr": lr,
                "rollout_s": t_rollout, "iter_s": time.time() - t0}
         log.log(**row)

@@ -11,11 +11,10 @@ resumed run sees exactly the data an uninterrupted run would, and 2 DDP ranks se
 process would. Checkpoints are written atomically to out_dir/ckpt.pt.
 """
 
-import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,13 +46,13 @@ class PretrainConfig:
     dropout: float = 0.0  # dropout in pretraining (0 is best for small models trained briefly)
     batch_size: int = 16  # sequences per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1500  # optimizer steps
+    max_steps: int = 1200  # optimizer steps
     lr: float = 3e-3  # peak learning rate (small models tolerate a large one)
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
     warmup: int = 50  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decay on 2-D weights only
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
-    eval_interval: int = 250  # steps between validation losses and checkpoints
+    eval_interval: int = 300  # steps between validation losses and checkpoints
     eval_batches: int = 10  # batches per validation estimate
     seed: int = 0  # data order and initialisation
     device: str = "auto"  # auto | cpu | cuda
@@ -65,7 +64,7 @@ class PretrainConfig:
     def validate(self):
         common.check(self.max_steps > 0, "max_steps", "must be > 0")
         common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
-        common.check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} is not divisible by n_head {self.n_head}")
+        common.check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} not divisible by n_head {self.n_head}")
         common.check(self.dtype in ("float32", "bfloat16", "float16", "float64"), "dtype",
                      "float32, bfloat16, float16 or float64")
         common.check(self.lr > 0, "lr", "must be > 0")
@@ -102,7 +101,8 @@ def get_batch(data: np.ndarray, step: int, cfg, micro: int, d: common.Dist, glob
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     starts = torch.randint(len(data) - cfg.block_size - 1, (global_batch,), generator=g)
     first = (micro * d.world + d.rank) * cfg.batch_size
-    rows = [torch.from_numpy(data[s:s + cfg.block_size + 1].astype(np.int64)) for s in starts[first:first + cfg.batch_size]]
+    rows = [torch.from_numpy(data[s:s + cfg.block_size + 1].astype(np.int64))
+            for s in starts[first:first + cfg.batch_size]]
     xy = torch.stack(rows).to(d.device)
     return xy[:, :-1], xy[:, 1:]  # inputs (B, T), targets (B, T)
 
@@ -131,15 +131,19 @@ def train(cfg: PretrainConfig):
     val_data = tokenize_file(cfg.val_data, tok) if cfg.val_data else data[int(0.95 * len(data)):]
     if not cfg.val_data:
         data = data[:int(0.95 * len(data))]
+    counts = np.bincount(np.asarray(val_data), minlength=tok.n_vocab).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())  # the loss of a model that ignores context: learning must go far below it
     floor = None  # the built-in world knows its own probabilities: the best achievable validation loss
-    if d.master and cfg.val_data and os.path.exists(os.path.join(os.path.dirname(cfg.val_data), "pretrain_val_logp.json")):
-        floor = entropy_floor_nats_per_token(os.path.dirname(cfg.val_data), tok)
+    world_dir = os.path.dirname(cfg.val_data)
+    if d.master and cfg.val_data and os.path.exists(os.path.join(world_dir, "pretrain_val_logp.json")):
+        floor = entropy_floor_nats_per_token(world_dir, tok)
 
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(cfg.block_size, tok.n_vocab, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout))
     else:
         model = load_gpt2(cfg.init_from, cfg.block_size)
-        assert model.config.vocab_size >= tok.n_vocab, "the GPT-2 checkpoint's vocabulary is smaller than the tokenizer's"
+        assert model.config.vocab_size >= tok.n_vocab, "the GPT-2 checkpoint's vocabulary is smaller than the tokenizer"
     model.to(d.device)
     model = common.with_precision(model, cfg.dtype)
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device=d.device)
@@ -150,8 +154,7 @@ def train(cfg: PretrainConfig):
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
-    if d.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if "cuda" in d.device else None)
+    model = common.wrap_ddp(model, d)
 
     log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
     stop = common.StopSignal()
@@ -162,12 +165,8 @@ def train(cfg: PretrainConfig):
               f"{tokens_per_step:,} tokens/step | {d.world} rank(s) on {d.device}")
 
     def save():
-        rngs = common.gather_rng_states(d)
-        if d.master:
-            common.save_checkpoint(ckpt_path, stage="pretrain", model=common.model_state(raw_model),
-                                   model_config=asdict(raw_model.config), optimizer=optimizer.state_dict(),
-                                   step=step, config=asdict(cfg), tokenizer=tok.name, tokenizer_path=cfg.tokenizer,
-                                   parent=cfg.init_from if cfg.init_from != "scratch" else None, rng=rngs)
+        common.save_stage(ckpt_path, d, "pretrain", raw_model, optimizer, step, cfg, tok, cfg.tokenizer,
+                          cfg.init_from if cfg.init_from != "scratch" else None)
 
     bar = common.progress(cfg.max_steps, step, "pretrain", not d.master)
     t0, last_stop = time.time(), cfg.stop_at if cfg.stop_at > 0 else cfg.max_steps
@@ -179,7 +178,7 @@ def train(cfg: PretrainConfig):
         for micro in range(cfg.grad_accum):
             x, y = get_batch(data, step, cfg, micro, d, global_batch)
             sync = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-batch (no_sync before)
-            with (model.no_sync() if d.ddp and not sync else common.nullcontext()), common.autocast(d.device, cfg.dtype):
+            with common.no_sync_unless(model, d, sync), common.autocast(d.device, cfg.dtype):
                 logits = model(x)  # (B, T, V)
                 loss = F.cross_entropy(upcast(logits).flatten(0, 1), y.flatten()) / cfg.grad_accum
             loss.backward()
@@ -196,11 +195,11 @@ def train(cfg: PretrainConfig):
         row = dict(step=step, loss=loss_avg, lr=lr, tokens_per_s=tokens_per_step / dt)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             row["val_loss"] = estimate_loss(raw_model, val_data, cfg, d)
-            row["entropy_floor"] = floor
+            row["entropy_floor"], row["unigram_entropy"] = floor, unigram
             save()
             if d.master:
-                tqdm.write(f"step {step}: train loss {loss_avg:.4f}, val loss {row['val_loss']:.4f}"
-                           + (f" (entropy floor {floor:.4f})" if floor else ""))
+                tqdm.write(f"step {step}: train loss {loss_avg:.4f}, val loss {row['val_loss']:.4f} (unigram entropy "
+                           f"{unigram:.4f}" + (f", entropy floor {floor:.4f})" if floor else ")"))
         log.log(**row)
         if stop.should_stop():
             break

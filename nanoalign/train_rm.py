@@ -19,7 +19,7 @@ penalty and score comparable across runs. The offset is stored in the checkpoint
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ class RMConfig:
     out_dir: str = "out/tiny/rm"  # checkpoint, metrics.jsonl and run.json go here
     init: str = "out/tiny/sft/ckpt.pt"  # the SFT checkpoint the reward model starts from
     data: str = "data/world/prefs_train.jsonl"  # JSONL pairs: {prompt, chosen, rejected} or Anthropic HH
-    val_data: str = "data/world/prefs_val.jsonl"  # held-out pairs (gold_chosen/gold_rejected fields give gold agreement)
+    val_data: str = "data/world/prefs_val.jsonl"  # held-out pairs (with gold_chosen/gold_rejected: gold agreement)
     norm_data: str = "data/world/sft_train.jsonl"  # SFT data whose reference responses are shifted to score 0
     norm_examples: int = 1000  # how many of them to average for the offset
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping at the first one
@@ -55,7 +55,7 @@ class RMConfig:
     weight_decay: float = 0.0  # AdamW decay on 2-D weights
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
     margin: float = 0.0  # BT margin m (Llama 2 style); 0 = plain Bradley-Terry
-    eval_interval: int = 100  # steps between validation passes and checkpoints
+    eval_interval: int = 125  # steps between validation passes and checkpoints
     seed: int = 0  # data order
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
@@ -151,21 +151,16 @@ def train(cfg: RMConfig):
     if cfg.resume:
         step = common.restore(common.load_checkpoint(ckpt_path, stages=["rm"], tokenizer=tok.name), model, optimizer, d)
     raw_model = model
-    if d.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if "cuda" in d.device else None)
+    model = common.wrap_ddp(model, d)
     log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
     stop = common.StopSignal()
     if d.master:
-        print(f"reward model on {len(train_set):,} pairs ({len(val_set):,} val) | {max_steps} steps of {global_batch} pairs")
+        print(f"reward model on {len(train_set):,} pairs ({len(val_set):,} val) | {max_steps} steps of "
+              f"{global_batch} pairs")
 
     def save(offset=None, metrics=None):
-        rngs = common.gather_rng_states(d)
-        if d.master:
-            common.save_checkpoint(ckpt_path, stage="rm", model=common.model_state(raw_model),
-                                   model_config=asdict(raw_model.config), optimizer=optimizer.state_dict(),
-                                   step=step, config=asdict(cfg), tokenizer=tok.name,
-                                   tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init), rng=rngs,
-                                   reward_offset=offset, metrics=metrics)
+        common.save_stage(ckpt_path, d, "rm", raw_model, optimizer, step, cfg, tok, parent["tokenizer_path"], cfg.init,
+                          reward_offset=offset, metrics=metrics)
 
     bar = common.progress(max_steps, step, "rm", not d.master)
     t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else max_steps
@@ -178,7 +173,7 @@ def train(cfg: RMConfig):
         for micro in range(cfg.grad_accum):
             pairs = common.rank_rows(rows, micro, d, cfg.batch_size)
             sync = micro == cfg.grad_accum - 1
-            with (model.no_sync() if d.ddp and not sync else common.nullcontext()), common.autocast(d.device, cfg.dtype):
+            with common.no_sync_unless(model, d, sync), common.autocast(d.device, cfg.dtype):
                 chosen, rejected = pair_rewards(model, pairs, tok.pad_id, d.device)
                 loss, m = bt_loss(chosen, rejected, cfg.margin)
             (loss / cfg.grad_accum).backward()  # equal pairs per micro-batch and rank: the mean of means is the mean
@@ -207,7 +202,9 @@ def train(cfg: RMConfig):
         save()
         common.cleanup_dist()
         return raw_model
-    offset = reward_offset(raw_model, tok, cfg.norm_data, cfg.norm_examples, max_len, d.device) if cfg.norm_data else 0.0
+    offset = 0.0
+    if cfg.norm_data:
+        offset = reward_offset(raw_model, tok, cfg.norm_data, cfg.norm_examples, max_len, d.device)
     final = evaluate_pairs(raw_model, val_set, val_gold, tok.pad_id, d.device) if val_set else {}
     if d.master:
         print(f"reward offset {offset:+.4f} (SFT reference responses now score 0 on average); final {final}")

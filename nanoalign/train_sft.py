@@ -16,7 +16,7 @@ batch is split into micro-batches or ranks (transformers PR #34191 fixed exactly
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +36,13 @@ from nanoalign.tokenizer import load_tokenizer, render_chat
 class SFTConfig:
     out_dir: str = "out/tiny/sft"  # checkpoint, metrics.jsonl and run.json go here
     init: str = "out/tiny/pretrain/ckpt.pt"  # the pretrained checkpoint to fine-tune
-    data: str = "data/world/sft_train.jsonl"  # JSONL: {prompt, response} | {messages} | Alpaca {instruction, input, output}
+    data: str = "data/world/sft_train.jsonl"  # JSONL: {prompt, response}, {messages} or Alpaca {instruction, ...}
     val_data: str = "data/world/sft_val.jsonl"  # held-out SFT data for the validation loss
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping at the first one
     max_len: int = 0  # truncate examples to this many tokens (0 = the model's block_size)
     batch_size: int = 32  # examples per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 400  # optimizer steps
+    max_steps: int = 300  # optimizer steps
     lr: float = 1e-3  # peak learning rate
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
     warmup: int = 20  # linear warmup steps
@@ -118,8 +118,7 @@ def train(cfg: SFTConfig):
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
-    if d.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if "cuda" in d.device else None)
+    model = common.wrap_ddp(model, d)
 
     log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
     stop = common.StopSignal()
@@ -129,12 +128,7 @@ def train(cfg: SFTConfig):
               f"{d.world} rank(s) on {d.device}")
 
     def save():
-        rngs = common.gather_rng_states(d)
-        if d.master:
-            common.save_checkpoint(ckpt_path, stage="sft", model=common.model_state(raw_model),
-                                   model_config=asdict(raw_model.config), optimizer=optimizer.state_dict(),
-                                   step=step, config=asdict(cfg), tokenizer=tok.name,
-                                   tokenizer_path=parent["tokenizer_path"], parent=os.path.abspath(cfg.init), rng=rngs)
+        common.save_stage(ckpt_path, d, "sft", raw_model, optimizer, step, cfg, tok, parent["tokenizer_path"], cfg.init)
 
     def evaluate_and_show():
         row = {"val_loss": validation_loss(raw_model, val_set, tok.pad_id, d.device, cfg.batch_size)} if val_set else {}
@@ -156,7 +150,7 @@ def train(cfg: SFTConfig):
         for micro in range(cfg.grad_accum):
             tokens, labels, mask = collate(common.rank_rows(rows, micro, d, cfg.batch_size), tok.pad_id, d.device)
             sync = micro == cfg.grad_accum - 1
-            with (model.no_sync() if d.ddp and not sync else common.nullcontext()), common.autocast(d.device, cfg.dtype):
+            with common.no_sync_unless(model, d, sync), common.autocast(d.device, cfg.dtype):
                 # x world: DDP averages gradients over ranks, we want the sum of every rank's share of the global mean
                 loss = sft_loss(model(tokens, pad_mask=mask), labels, n_tokens) * d.world
             loss.backward()

@@ -1,7 +1,6 @@
 """Invariants of the model and the generation contract (correctness.md section 3, I-M*, I-GEN*)."""
 
 import math
-import os
 
 import pytest
 import torch

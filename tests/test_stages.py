@@ -2,7 +2,6 @@
 bit-exact resume, clear errors. The micro pipeline runs once per session (conftest.micro_run)."""
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from nanoalign import common
-from nanoalign.data import load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
+from nanoalign.data import load_prefs, load_sft, tokenize_pref, tokenize_sft
 from nanoalign.generate import pad_left
 from nanoalign.rl import kl_estimates, load_reward_model, rollout, score_last_token
 from nanoalign.tokenizer import load_tokenizer, render_chat
@@ -194,3 +193,11 @@ def test_stage_files_run_as_torchrun_scripts_with_help():
         out = subprocess.run([sys.executable, f"nanoalign/{stage}.py", "--help"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert out.returncode == 0 and "--out_dir" in out.stdout, out.stderr
+
+
+def test_sample_cli_answers_in_the_chat_template(micro_run):
+    from nanoalign import sample
+    outs = sample.main(["--ckpt", ckpt(micro_run, "sft"), "--n", "2", "--max_new_tokens", "8"])
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+    base = sample.main(["--ckpt", ckpt(micro_run, "pretrain"), "--prompt", "Once upon a time", "--max_new_tokens", "8"])
+    assert len(base) == 1
