@@ -1,7 +1,7 @@
 """
 Benchmarks: how fast each stage runs here, and how close to the machine's limit (MFU).
 
-    python -m nanoalign.bench            # a table at the tiny preset's sizes (the stages' defaults); ~3 min on 2 cores
+    python -m nanoalign.bench            # a table at the tiny preset's sizes (the stages' defaults); ~1.5 min, 2 cores
     python -m nanoalign.bench --peers    # exactly the sizes of the TRL peer runs, TRL's figures beside ours
     python -m nanoalign.bench --json     # one JSON object on stdout instead (progress goes to stderr)
     python -m nanoalign.bench --quick    # micro sizes, seconds: the smoke test
@@ -83,8 +83,8 @@ TRL = {"pretrain fp32": (9746.1, "HF GPT-2 loop"), "sft": (8458.9, "SFTTrainer")
        "dpo": (36.5, "DPOTrainer"), "ppo": (13.9, "PPOTrainer"), "grpo": (43.5, "GRPOTrainer"),
        "generate cache sampled": (2459.2, "HF generate"), "generate no-cache sampled": (254.4, "HF generate")}
 # dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets); the first name found in the device's name wins
-NOMINAL_BF16_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
-                       ("RTX 4090", 165), ("RTX 3090", 71), ("A10", 125)]
+NOMINAL_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312),
+                       ("L40S", 362), ("L40", 181), ("L4", 121), ("RTX 4090", 165), ("RTX 3090", 71), ("A10", 125)]
 
 
 def clock(device: str) -> float:
