@@ -201,3 +201,26 @@ def test_sample_cli_answers_in_the_chat_template(micro_run):
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
     base = sample.main(["--ckpt", ckpt(micro_run, "pretrain"), "--prompt", "Once upon a time", "--max_new_tokens", "8"])
     assert len(base) == 1
+
+
+def test_online_dpo_pairs_are_ranked_by_the_judge_and_a_round_trains(micro_run, tmp_path):
+    from nanoalign import train_dpo
+    from nanoalign.data import load_prompts
+    from nanoalign.rl import prompt_text, rollout_pairs
+    from nanoalign.world import gold_scores
+    sft, tok, _ = load(micro_run, "sft")
+    prompts = load_prompts(world(micro_run, "prompts_rl.jsonl"))[:12]
+    pairs = rollout_pairs(sft, tok, prompts, 24, 1.0, torch.Generator().manual_seed(0), 128, judge=gold_scores)
+    assert pairs, "two samples per prompt should differ for some prompts"
+    by_prompt = {tuple(render_chat(tok, m, True)[0]): prompt_text(m) for m in prompts}
+    for p, c, r in pairs:
+        text = lambda ids: tok.decode([t for t in ids if t != tok.end_id])
+        assert gold_scores([by_prompt[tuple(p)]] * 2, [text(c), text(r)]) == sorted(
+            gold_scores([by_prompt[tuple(p)]] * 2, [text(c), text(r)]), reverse=True)
+    train_dpo.main(["--init", ckpt(micro_run, "sft"), "--epochs", "0", "--online_rounds", "1", "--online_pairs", "8",
+                    "--batch_size", "4", "--online_judge", "rm", "--reward_model", ckpt(micro_run, "rm"),
+                    "--online_prompts", world(micro_run, "prompts_rl.jsonl"), "--val_data", "", "--max_new_tokens",
+                    "16", "--out_dir", str(tmp_path / "odpo")])
+    rows = common.read_metrics(tmp_path / "odpo" / "metrics.jsonl")
+    assert rows and all(r["phase"] == "online0" for r in rows)
+    assert (tmp_path / "odpo" / "ckpt.pt").exists()
