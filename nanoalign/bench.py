@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign import common, rl
-from nanoalign.generate import entropy_from_logits, generate, response_logprobs
+from nanoalign.generate import generate
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.train_dpo import DPOConfig, concatenated_logps, dpo_loss
-from nanoalign.train_grpo import GRPOConfig, clipped_policy_loss, group_advantages
+from nanoalign.train_grpo import GRPOConfig, group_advantages, grpo_update
 from nanoalign.train_ppo import PPOConfig, advantages_and_returns, ppo_update
 from nanoalign.train_pretrain import PretrainConfig
 from nanoalign.train_rm import RMConfig, bt_loss, pair_rewards
@@ -345,27 +345,6 @@ def bench_ppo(b: Bench, args):
            note=f"{cfg.batch_size} x {cfg.max_new_tokens} new; {cfg.ppo_epochs} ep x {cfg.minibatches} mb")
 
 
-def grpo_update(policy, optimizer, ro, scores, cfg: GRPOConfig):
-    """Steps 2-3 of train_grpo.train (k1 penalty in the reward, token-normalised loss), which runs them inline: keep in
-    step with it. Group advantages, then clipped updates over minibatches of whole groups."""
-    n, G, mask = cfg.prompts_per_iter, cfg.group_size, ro.response_mask
-    rewards = scores - cfg.kl_coef * rl.masked_sum(ro.logprobs - ro.ref_logprobs, mask, 1)
-    advantages = group_advantages(rewards.view(n, G), cfg.estimator, cfg.scale_by_std).view(-1)
-    policy.train()
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(n)
-        for k in range(cfg.minibatches):
-            groups = perm[k * n // cfg.minibatches:(k + 1) * n // cfg.minibatches]
-            mb = (groups[:, None] * G + torch.arange(G)).view(-1).to(mask.device)
-            with common.autocast(str(mask.device), cfg.dtype):
-                logits = policy(ro.tokens[mb], pad_mask=ro.pad_mask[mb])
-            logprobs = response_logprobs(logits, ro.tokens[mb], ro.P, cfg.temperature)
-            loss, _ = clipped_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], mask[mb], cfg.cliprange,
-                                          ("token", mask[mb].sum().clamp(min=1)))
-            optimizer_step(policy, optimizer, loss, cfg.grad_clip)
-            rl.masked_mean(entropy_from_logits(logits[:, ro.P - 1:-1].detach()), mask[mb]).item()  # train logs it
-
-
 def bench_grpo(b: Bench, args):
     c = b.cfg
     cfg = GRPOConfig(prompts_per_iter=c.grpo_prompts, group_size=c.grpo_group, minibatches=c.rl_minibatches,
@@ -373,8 +352,16 @@ def bench_grpo(b: Bench, args):
     policy, ref, rm = rl_models(b)
     optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5, device=b.device)
     prompts = [p for p in random_seqs(c, cfg.prompts_per_iter, c.prompt_len, seed=6) for _ in range(cfg.group_size)]
-    step = rl_step(b, policy, ref, rm, lambda ro, scores: grpo_update(policy, optimizer, ro, scores, cfg),
-                   prompts=prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    d, it = common.Dist(device=b.device), [0]
+
+    def update(ro, scores):  # steps 2-3 of train_grpo.train: k1 penalty in the reward, group advantages, updates
+        rewards = scores - cfg.kl_coef * rl.masked_sum(ro.logprobs - ro.ref_logprobs, ro.response_mask, 1)
+        advantages = group_advantages(rewards.view(-1, cfg.group_size), cfg.estimator, cfg.scale_by_std).view(-1)
+        keep = torch.ones_like(advantages, dtype=torch.bool)
+        grpo_update(policy, optimizer, ro, advantages, keep, cfg, it[0] % cfg.iterations, d)
+        it[0] += 1
+    step = rl_step(b, policy, ref, rm, update, prompts=prompts, max_new_tokens=cfg.max_new_tokens,
+                   temperature=cfg.temperature)
     b.item("grpo", step, len(prompts), "compl/s", slow=True, note=f"{cfg.prompts_per_iter} x {cfg.group_size} x "
            f"{cfg.max_new_tokens} new; {cfg.ppo_epochs} ep x {cfg.minibatches} mb")
 

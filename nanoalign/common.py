@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -62,8 +63,9 @@ def parse_config(cls, argv=None, doc: str | None = None):
             base = str(f.type).split("|")[0].strip()
             conv = {"int": int, "float": float}.get(base, str)
             typ = (lambda c: lambda s: None if s.lower() == "none" else c(s))(conv)
+        flag = {"nargs": "?", "const": True} if typ is _parse_bool else {}  # a bare `--resume` means `--resume true`
         parser.add_argument(f"--{f.name}", f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=default,
-                            metavar=type(default).__name__ if default is not None else "X",
+                            metavar=type(default).__name__ if default is not None else "X", **flag,
                             help=f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%"))
     args = parser.parse_args(argv)
     cfg = cls(**vars(args))
@@ -81,8 +83,13 @@ def check(cond: bool, field: str, msg: str):
         raise ValueError(f"--{field}: {msg}")
 
 
-def config_hash(cfg) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+def config_hash(cfg, roots: dict | None = None) -> str:
+    """Hash of a config. roots {placeholder: path}: those path prefixes are replaced first, so that a run directory
+    moved or copied elsewhere keeps its hashes."""
+    d = dataclasses.asdict(cfg)
+    for tag, root in (roots or {}).items():
+        d = {k: v.replace(root, tag) if isinstance(v, str) and root else v for k, v in d.items()}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -148,6 +155,10 @@ def autocast(device: str, dtype: str):
     """bf16/fp16 autocast on CUDA (and CPU if asked); float32 and float64 = no autocast."""
     if dtype in ("float32", "float64"):
         return nullcontext()
+    if device.startswith("cpu"):  # warnings.warn prints this once per call site
+        warnings.warn(f"--dtype {dtype} on the CPU: most CPUs have no native {dtype} matmul, so this is usually many "
+                      "times slower than float32 (19x on the reference machine; python -m nanoalign.bench measures "
+                      "yours)", stacklevel=2)
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 

@@ -14,6 +14,7 @@ Evaluation: what did each stage do to the model's answers? For every checkpoint,
 
     python -m nanoalign.evaluate --models sft=out/tiny/sft/ckpt.pt,ppo=out/tiny/ppo/ckpt.pt \
         --sft out/tiny/sft/ckpt.pt --reward_model out/tiny/rm/ckpt.pt --out out/tiny/eval.json
+    python -m nanoalign.evaluate --models rlvr=out/tiny/rlvr/ckpt.pt --verifiable data/world/verifiable_val.jsonl
 """
 
 import json
@@ -22,6 +23,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -30,7 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common
-from nanoalign.data import load_prompts
+from nanoalign.data import load_prompts, load_verifiable
 from nanoalign.generate import generate, response_logprobs
 from nanoalign.rl import load_reward_model, prompt_text, response_texts, score_last_token
 from nanoalign.tokenizer import load_tokenizer, render_chat
@@ -50,6 +52,7 @@ class EvalConfig:
     seed: int = 0  # sampling seed: evaluation is deterministic given it
     device: str = "auto"  # auto | cpu | cuda
     out: str = ""  # write the results as JSON here ("" = print only)
+    verifiable: str = ""  # instead: held-out accuracy on these exact-answer problems (e.g. verifiable_val.jsonl)
 
 
 def sample_answers(model, prompt_ids, cfg, tok, seed, device):
@@ -85,46 +88,101 @@ def win_rate(a, b):
     return mean, 1.96 * math.sqrt(var / len(w))
 
 
-def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
-    """models: name -> checkpoint path. Returns name -> metrics."""
+def setup(cfg: EvalConfig) -> SimpleNamespace:
+    """What every evaluation shares: the SFT model and tokenizer, the prompts, the reward model and the judge."""
     device = common.init_dist(cfg.device).device
     sft_ckpt = common.load_checkpoint(cfg.sft)
     tok = load_tokenizer(sft_ckpt["tokenizer_path"])
-    sft = common.build_model(sft_ckpt, device).eval()
     prompts = load_prompts(cfg.prompts)[:cfg.n_prompts]
-    prompt_ids = [render_chat(tok, m, add_generation_prompt=True)[0] for m in prompts]
-    texts_of_prompts = [prompt_text(m) for m in prompts]
-    rm = load_reward_model(cfg.reward_model, device) if cfg.reward_model else None
     judge = None
     if cfg.judge == "gold":
         from nanoalign.world import gold_scores as judge
+    return SimpleNamespace(cfg=cfg, device=device, tok=tok, sft=common.build_model(sft_ckpt, device).eval(),
+                           prompt_ids=[render_chat(tok, m, add_generation_prompt=True)[0] for m in prompts],
+                           prompts=[prompt_text(m) for m in prompts], judge=judge,
+                           rm=load_reward_model(cfg.reward_model, device) if cfg.reward_model else None)
 
-    def answers_and_scores(model, seed):
-        batches = sample_answers(model, prompt_ids, cfg, tok, seed, device)
-        texts = [t for tokens, mask, P in batches for t in response_texts(tok, tokens, mask, P)]
-        gold = judge(texts_of_prompts, texts) if judge else None
-        return batches, texts, gold
 
+def answers_and_scores(s: SimpleNamespace, model, seed: int):
+    """One sampled answer per prompt: (batches, texts, gold scores or None, RM scores or None)."""
+    batches = sample_answers(model, s.prompt_ids, s.cfg, s.tok, seed, s.device)
+    texts = [t for tokens, mask, P in batches for t in response_texts(s.tok, tokens, mask, P)]
+    gold = s.judge(s.prompts, texts) if s.judge else None
+    rm = None if s.rm is None else torch.cat([score_last_token(s.rm[0], t, m, s.rm[1]) for t, m, _ in batches])
+    return batches, texts, gold, rm
+
+
+def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
+    """models: name -> checkpoint path. Returns name -> metrics."""
+    s = setup(cfg)
     # SFT answers are the baseline of every win rate; a second independent SFT sample set is SFT's own opponent
-    sft_batches, _, sft_gold = answers_and_scores(sft, cfg.seed + 1)
+    _, _, sft_gold, _ = answers_and_scores(s, s.sft, cfg.seed + 1)
     results = {}
     for name, path in tqdm(models.items(), desc="evaluate", dynamic_ncols=True):
-        ckpt = common.load_checkpoint(path, tokenizer=tok.name)
-        model = common.build_model(ckpt, device).eval()
-        batches, texts, gold = answers_and_scores(model, cfg.seed)
+        ckpt = common.load_checkpoint(path, tokenizer=s.tok.name)
+        model = common.build_model(ckpt, s.device).eval()
+        batches, texts, gold, rm = answers_and_scores(s, model, cfg.seed)
         kl = (sequence_logprob_sums(model, batches, cfg.temperature)
-              - sequence_logprob_sums(sft, batches, cfg.temperature)).mean().item()
-        ended = torch.cat([(tokens[:, P:] == tok.end_id).any(1) for tokens, _, P in batches]).float()
+              - sequence_logprob_sums(s.sft, batches, cfg.temperature)).mean().item()
+        ended = torch.cat([(tokens[:, P:] == s.tok.end_id).any(1) for tokens, _, P in batches]).float()
         lengths = torch.cat([mask[:, P:].sum(1) for _, mask, P in batches]).float()
-        r = {"gold_score": sum(gold) / len(gold) if gold else None, "rm_score": None, "kl_to_sft": kl,
-             "win_rate_vs_sft": None, "win_rate_ci": None, "end_rate": ended.mean().item(),
+        r = {"gold_score": sum(gold) / len(gold) if gold else None, "rm_score": None if rm is None else rm.mean().item(),
+             "kl_to_sft": kl, "win_rate_vs_sft": None, "win_rate_ci": None, "end_rate": ended.mean().item(),
              "mean_length": lengths.mean().item(), "distinct_2": distinct_n(texts)}
-        if rm is not None:
-            r["rm_score"] = torch.cat([score_last_token(rm[0], t, m, rm[1]) for t, m, _ in batches]).mean().item()
         if gold:
             r["win_rate_vs_sft"], r["win_rate_ci"] = win_rate(gold, sft_gold)
-        r["samples"] = [{"prompt": p, "response": t} for p, t in zip(texts_of_prompts[:3], texts[:3])]
+        r["samples"] = [{"prompt": p, "response": t} for p, t in zip(s.prompts[:3], texts[:3])]
         results[name] = r
+    return results
+
+
+def best_of_n(cfg: EvalConfig, ns: list[int]) -> dict:
+    """Best-of-n sampling, the baseline with no training: draw n answers from SFT, keep the one the reward model scores
+    highest (Stiennon et al. 2020; Gao et al. 2023). Its KL to SFT has the closed form log n - (n-1)/n, an upper bound
+    that is tight when the n samples are distinct (Beirami et al. 2024). One pool of max(ns) samples per prompt serves
+    every n (its first n). Returns "bon_<n>" -> metrics, on the same prompts and SFT baseline as evaluate_models."""
+    s = setup(cfg)
+    assert s.rm is not None and s.judge is not None, "best-of-n needs a reward model and the gold judge"
+    _, _, sft_gold, _ = answers_and_scores(s, s.sft, cfg.seed + 1)
+    pool = [answers_and_scores(s, s.sft, cfg.seed + 1000 + k) for k in tqdm(range(max(ns)), desc="best-of-n pool")]
+    rm = torch.stack([p[3] for p in pool])  # (N, prompts)
+    gold = torch.tensor([p[2] for p in pool], dtype=torch.float64)
+    out = {}
+    for n in ns:
+        pick = rm[:n].argmax(0, keepdim=True)  # the reward model's favourite of the first n
+        g = gold[:n].gather(0, pick)[0].tolist()
+        wr, ci = win_rate(g, sft_gold)
+        out[f"bon_{n}"] = {"n": n, "gold_score": sum(g) / len(g), "rm_score": rm[:n].gather(0, pick).mean().item(),
+                           "kl_to_sft": math.log(n) - (n - 1) / n, "win_rate_vs_sft": wr, "win_rate_ci": ci}
+    return out
+
+
+def verifiable_accuracy(cfg: EvalConfig, models: dict, problems_path: str) -> dict:
+    """Held-out accuracy on the world's exact-answer task (the RLVR evaluation): one sampled answer per problem, checked
+    by the task's rule (world.check_answer), with a 95% CI; and each model's paired difference to SFT on the same
+    problems with its CI (SFT's own against a second, independent SFT sample set)."""
+    from nanoalign.world import check_answer
+    s = setup(cfg)
+    problems = load_verifiable(problems_path)[:cfg.n_prompts]
+    ids = [render_chat(s.tok, p["prompt"], add_generation_prompt=True)[0] for p in problems]
+
+    def correct(model, seed):
+        texts = [t for tokens, mask, P in sample_answers(model, ids, cfg, s.tok, seed, s.device)
+                 for t in response_texts(s.tok, tokens, mask, P)]
+        return [float(check_answer(p["answer"], t)) for p, t in zip(problems, texts)]
+
+    def mean_ci(xs):
+        m = sum(xs) / len(xs)
+        return m, 1.96 * math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1) / len(xs))
+
+    sft_correct, results = correct(s.sft, cfg.seed + 1), {}
+    for name, path in models.items():
+        model = common.build_model(common.load_checkpoint(path, tokenizer=s.tok.name), s.device).eval()
+        c = correct(model, cfg.seed)
+        acc, ci = mean_ci(c)
+        diff, diff_ci = mean_ci([a - b for a, b in zip(c, sft_correct)])
+        results[name] = {"accuracy": acc, "accuracy_ci": ci, "vs_sft": diff, "vs_sft_ci": diff_ci, "n": len(c),
+                         "sft_baseline": sum(sft_correct) / len(sft_correct)}  # the second SFT set's accuracy
     return results
 
 
@@ -136,7 +194,8 @@ REPORT_FIELDS = ["gold_score", "rm_score", "kl_to_sft", "win_rate_vs_sft", "end_
 def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, device="auto", seed=0):
     """Evaluate every stage's checkpoint of a pipeline run; write report.json, report.md and the plots."""
     stage_ckpt = lambda s: os.path.join(run_dir, s, "ckpt.pt")
-    names = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "dpo": "dpo", "online_dpo": "online_dpo", "grpo": "grpo"}
+    names = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "dpo": "dpo", "online_dpo": "online_dpo", "grpo": "grpo",
+             "rlvr": "rlvr"}
     models = {k: stage_ckpt(v) for k, v in names.items() if os.path.exists(stage_ckpt(v))}
     argv = [f"--{k}={v}" for k, v in eval_overrides.items()]
     has_rm = os.path.exists(stage_ckpt("rm"))
@@ -155,6 +214,11 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
         stages["rm"] = {"val_accuracy": rm_metrics.get("val_accuracy"), "wall_seconds": wall.get("rm", 0.0),
                         "gold_agreement": rm_metrics.get("gold_agreement")}
         stages["rm"] |= {k: v for k, v in rm_metrics.items() if k.startswith("gold_agreement_")}  # per margin bucket
+    if "rlvr" in models:  # GRPO on the exact-answer task: held-out accuracy against SFT's
+        verifiable = verifiable_accuracy(cfg, {"sft": models["sft"], "rlvr": models["rlvr"]},
+                                         os.path.join(world_dir, "verifiable_val.jsonl"))
+        for name, r in verifiable.items():
+            stages[name] |= {"verifiable_" + k: v for k, v in r.items()}
     world_stats = {}
     if os.path.exists(os.path.join(world_dir, "world.json")):
         with open(os.path.join(world_dir, "world.json")) as f:
@@ -199,6 +263,15 @@ def report_markdown(report) -> str:
         rm = report["stages"]["rm"]
         lines += ["", f"Reward model: held-out accuracy {fmt(rm['val_accuracy'])} against the annotators' (noisy) "
                       f"labels, agreement with the gold judge {fmt(rm['gold_agreement'])}."]
+    if "verifiable_accuracy" in report["stages"].get("rlvr", {}):
+        v = {k: report["stages"][k] for k in ("sft", "rlvr")}
+        lines += ["", f"Exact-answer task ({v['rlvr']['verifiable_n']} held-out problems, one answer each): SFT "
+                      f"{v['sft']['verifiable_accuracy']:.3f} ± {v['sft']['verifiable_accuracy_ci']:.3f}, GRPO with the "
+                      f"verifiable reward {v['rlvr']['verifiable_accuracy']:.3f} ± {v['rlvr']['verifiable_accuracy_ci']:.3f}."
+                      f" Paired with a second, independent SFT sample set ({v['rlvr']['verifiable_sft_baseline']:.3f}): "
+                      f"{v['rlvr']['verifiable_vs_sft']:+.3f} ± {v['rlvr']['verifiable_vs_sft_ci']:.3f} for GRPO, "
+                      f"{v['sft']['verifiable_vs_sft']:+.3f} ± {v['sft']['verifiable_vs_sft_ci']:.3f} for SFT itself "
+                      f"(the noise floor)."]
     lines += ["", f"Pretraining validation loss {fmt(report['pretrain_val_loss'])} nats/token; the world's entropy "
                   f"floor is {fmt(report['entropy_floor'])}.", "", "![training curves](training_curves.png)", ""]
     return "\n".join(lines)
@@ -210,7 +283,8 @@ def plot_run(run_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("pretrain", ["loss", "val_loss"]), ("sft", ["loss", "val_loss"]), ("rm", ["loss", "accuracy"]),
-              ("dpo", ["loss", "rewards/margins"]), ("ppo", ["score", "gold", "kl"]), ("grpo", ["score", "gold", "kl"])]
+              ("dpo", ["loss", "rewards/margins"]), ("ppo", ["score", "gold", "kl"]), ("grpo", ["score", "gold", "kl"]),
+              ("rlvr", ["score", "kl"])]
     panels = [(s, keys) for s, keys in panels if os.path.exists(os.path.join(run_dir, s, "metrics.jsonl"))]
     if not panels:
         return
@@ -222,11 +296,93 @@ def plot_run(run_dir):
             if pts:
                 ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 20 else None)
         ax.set_title(stage)
-        ax.set_xlabel("iteration" if stage in ("ppo", "grpo") else "step")
+        ax.set_xlabel("iteration" if stage in ("ppo", "grpo", "rlvr") else "step")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "training_curves.png"), dpi=110)
     plt.close(fig)
+
+
+T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def mean_and_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t confidence interval (few seeds: t, not 1.96)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return m, T_975.get(len(xs), 1.96) * sd / math.sqrt(len(xs))
+
+
+def summarise_seeds(reports: list[dict], seeds: list[int]) -> dict:
+    """Every numeric per-stage metric of several pipeline reports as {mean, ci, values} over seeds."""
+    stages = {}
+    for name, first in reports[0]["stages"].items():
+        stages[name] = {}
+        for key, value in first.items():
+            values = [r["stages"].get(name, {}).get(key) for r in reports]
+            if isinstance(value, (int, float)) and all(isinstance(v, (int, float)) for v in values):
+                m, ci = mean_and_ci(values)
+                stages[name][key] = {"mean": m, "ci": ci, "values": values}
+    return {"preset": reports[0]["preset"], "machine": reports[0]["machine"], "seeds": seeds, "stages": stages,
+            "total_seconds": [r["total_seconds"] for r in reports]}
+
+
+def seeds_markdown(summary: dict) -> str:
+    pm = lambda s, k, nd=3: "-" if k not in s else f"{s[k]['mean']:.{nd}f} ± {s[k]['ci']:.{nd}f}"
+    lines = [f"# nanoalign report over seeds {summary['seeds']} ({summary['preset']})", "",
+             f"Machine: {summary['machine']}. Mean ± 95% CI (Student t over seeds).", "",
+             "| stage | gold score | win rate vs SFT | KL to SFT | RM score | end rate |", "|---|---:|---:|---:|---:|---:|"]
+    for name, s in summary["stages"].items():
+        if name != "rm":
+            lines.append(f"| {name} | {pm(s, 'gold_score')} | {pm(s, 'win_rate_vs_sft')} | {pm(s, 'kl_to_sft', 2)} | "
+                         f"{pm(s, 'rm_score')} | {pm(s, 'end_rate', 2)} |")
+    if "rm" in summary["stages"]:
+        rm = summary["stages"]["rm"]
+        lines += ["", f"Reward model: accuracy {pm(rm, 'val_accuracy')}, gold agreement {pm(rm, 'gold_agreement')}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(sweep: dict, out_dir: str):
+    """frontier.png: gold score against KL to SFT for every method of the sweep (the small-scale analogue of the DPO
+    paper's figure 2); overoptimisation.png: the reward model's score and the gold score of a long PPO run with beta 0
+    over training (Gao et al. 2023): the proxy keeps rising after the gold score has turned."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    styles = {"ppo": ("tab:red", "o"), "dpo": ("tab:blue", "s"), "bon": ("tab:green", "^"), "grpo": ("tab:purple", "D")}
+    for method, (color, marker) in styles.items():
+        pts = sorted((r["kl_to_sft"], r["gold_score"], r["label"]) for r in sweep["points"] if r["method"] == method)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, label=method.upper())
+            for x, y, label in pts:
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    sft = next(r for r in sweep["points"] if r["method"] == "sft")
+    ax.scatter([0], [sft["gold_score"]], color="black", zorder=3, label="SFT")
+    ax.set_xlabel("KL(pi || pi_SFT), nats per answer")
+    ax.set_ylabel("gold score (held-out prompts)")
+    ax.set_title("reward-KL frontier")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "frontier.png"), dpi=110)
+    plt.close(fig)
+    rows = [r for r in sweep.get("overoptimisation", []) if r.get("score") is not None]
+    if rows:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        it = [r["iter"] for r in rows]
+        for key, label in [("score", "reward model (proxy)"), ("gold", "gold judge")]:
+            axes[0].plot(it, [r[key] for r in rows], label=label)
+            axes[1].plot([max(r["kl"], 0) ** 0.5 for r in rows], [r[key] for r in rows], ".", label=label)
+        axes[0].set_xlabel("PPO iteration (beta = 0)")
+        axes[1].set_xlabel("sqrt(KL to SFT) of the rollouts")
+        for a in axes:
+            a.set_ylabel("score of the rollouts")
+            a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "overoptimisation.png"), dpi=110)
+        plt.close(fig)
 
 
 def main(argv=None):
@@ -234,7 +390,7 @@ def main(argv=None):
     models = dict(pair.split("=", 1) for pair in cfg.models.split(",") if pair)
     if not models:
         raise SystemExit("--models: give at least one name=checkpoint pair")
-    results = evaluate_models(cfg, models)
+    results = verifiable_accuracy(cfg, models, cfg.verifiable) if cfg.verifiable else evaluate_models(cfg, models)
     text = json.dumps(results, indent=1)
     if cfg.out:
         with open(cfg.out, "w") as f:

@@ -5,12 +5,15 @@ The whole pipeline in one command, on the built-in world:
 
     python -m nanoalign.pipeline                      # the tiny preset: about 10 minutes on 2 CPU cores
     python -m nanoalign.pipeline --preset micro --out out/micro    # seconds per stage (what the tests run)
+    python -m nanoalign.pipeline --sweep              # reward-KL frontier + over-optimisation (about 30 minutes)
+    python -m nanoalign.pipeline --seeds 3            # three seeds, every figure as mean ± 95% CI
 
 Each stage writes out/<run>/<stage>/ckpt.pt and a done.json with the hash of its config and of its parent checkpoint.
 Running the command again skips a stage only when both hashes match; a stage that was interrupted resumes from its
 checkpoint; a stage whose config or parent changed is re-run (never a stale checkpoint reused). --rerun forces stages.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -52,19 +55,44 @@ PRESETS = {
 }
 
 
+STAGES = ["pretrain", "sft", "rm", "ppo", "dpo", "grpo", "rlvr", "online_dpo"]
+
+
 @dataclass
 class PipelineConfig:
     preset: str = "tiny"  # micro | tiny | gpu
     out: str = "out/tiny"  # run directory: out/<run>/<stage>/
     world_dir: str = ""  # where the world's data go ("" = data/world for tiny, <out>/world otherwise)
-    seed: int = 0  # seed of the world and of every stage
-    stages: str = "pretrain,sft,rm,ppo,dpo,grpo"  # training stages to run, in order
+    seed: int = 0  # seed of every stage and of the evaluation's sampling
+    world_seed: int = 0  # seed of the built-in world (the benchmark itself: keep it fixed when comparing seeds)
+    seeds: int = 1  # N > 1: run seeds seed .. seed+N-1 into <out>, <out>_seed<k>, ...; mean ± 95% CI in <out>/seeds.md
+    stages: str = "pretrain,sft,rm,ppo,dpo,grpo"  # training stages to run, in order (+ rlvr: GRPO, verifiable reward)
     rerun: str = ""  # comma-separated stages to re-run even if done ("all" = every stage)
     online_dpo: bool = False  # add an online DPO stage (two rounds with RM labels) after offline DPO
     device: str = "auto"  # auto | cpu | cuda
+    sweep: bool = False  # after the main stages: the reward-KL frontier and over-optimisation runs, into <out>/sweep
+    ppo_betas: str = "0.01,0.02,0.1,0.2"  # sweep: PPO kl_coef values (besides the main run's)
+    dpo_betas: str = "0.03,0.3,1.0"  # sweep: DPO beta values (besides the main run's)
+    best_of: str = "1,2,4,8,16"  # sweep: n of the best-of-n baseline (SFT samples, the reward model picks)
+    overopt_iters: int = 120  # sweep: iterations of the beta = 0 PPO run that shows over-optimisation (0 = skip)
 
     def validate(self):
         common.check(self.preset in PRESETS, "preset", f"one of {list(PRESETS)}")
+        unknown = [s for s in self.stages.split(",") if s and s not in STAGES]
+        common.check(not unknown, "stages", f"unknown stage(s) {unknown}; known: {','.join(STAGES)}")
+        for name in ("ppo_betas", "dpo_betas", "best_of"):
+            try:
+                values = floats(getattr(self, name))
+            except ValueError:
+                values = None
+            common.check(bool(values) and min(values) > 0, name, "a comma-separated list of numbers > 0")
+        common.check(all(n == int(n) for n in floats(self.best_of)), "best_of", "whole numbers")
+        common.check(self.seeds >= 1, "seeds", "must be >= 1")
+        common.check(not (self.sweep and self.seeds > 1), "seeds", "run --sweep and --seeds separately")
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
@@ -82,6 +110,10 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
         "ppo": (train_ppo, {"init": ck["sft"], "reward_model": ck["rm"], "prompts": w("prompts_rl.jsonl")}),
         "dpo": (train_dpo, {"init": ck["sft"], "data": w("prefs_train.jsonl"), "val_data": w("prefs_val.jsonl")}),
         "grpo": (train_grpo, {"init": ck["sft"], "reward_model": ck["rm"], "prompts": w("prompts_rl.jsonl")}),
+        # RLVR: exact answers are 0/1, so bigger groups, DAPO's dropping of groups that all agree, a light KL
+        "rlvr": (train_grpo, {"init": ck["sft"], "reward": "verifiable", "prompts": w("verifiable_train.jsonl"),
+                              "group_size": 8, "prompts_per_iter": 8, "drop_equal_groups": "true", "kl_coef": 0.01,
+                              "iterations": 60}),
         "online_dpo": (train_dpo, {"init": ck["dpo"], "epochs": "0", "online_rounds": "2", "reward_model": ck["rm"],
                                    "online_prompts": w("prompts_rl.jsonl"), "val_data": w("prefs_val.jsonl")}),
     }
@@ -89,7 +121,7 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
     out_plan = []
     for name in names:
         module, args = plan[name]
-        overrides = p.get("dpo" if name == "online_dpo" else name, {})  # online DPO shares DPO's sizes
+        overrides = p.get({"online_dpo": "dpo", "rlvr": "grpo"}.get(name, name), {})  # same sizes as their base
         args = {**common_args, **args, **{k: str(v) for k, v in overrides.items()}}
         if name == "online_dpo":
             args.update(epochs="0", online_rounds="2")
@@ -98,23 +130,37 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
     return out_plan
 
 
-def run_stage(name, module, args: dict, force: bool) -> float:
-    """Run one stage unless its done.json matches (config hash + parent checkpoint hash). Returns wall seconds."""
+def roots(cfg: PipelineConfig, world_dir: str) -> dict:
+    """Path prefixes left out of the config hashes: a run directory copied elsewhere is still recognised as done."""
+    return {"<world>": world_dir, "<out>": cfg.out}
+
+
+def world_id(world_dir: str) -> str:
+    """Seed, scale and world.py hash of the generated world: a stage trained on another world is never reused."""
+    with open(os.path.join(world_dir, "world.json")) as f:
+        w = json.load(f)
+    return f"{w.get('seed')}:{w.get('scale')}:{w.get('world_hash')}"
+
+
+def run_stage(name, module, args: dict, force: bool, path_roots: dict | None = None, world: str | None = None) -> float:
+    """Run one stage unless its done.json matches (config hash + parent checkpoint hash + the world it was trained
+    on). Returns wall seconds."""
     argv = [x for k, v in args.items() for x in (f"--{k}", str(v))]
     cfg_cls = {train_pretrain: train_pretrain.PretrainConfig, train_sft: train_sft.SFTConfig,
                train_rm: train_rm.RMConfig, train_ppo: train_ppo.PPOConfig, train_dpo: train_dpo.DPOConfig,
                train_grpo: train_grpo.GRPOConfig}[module]
     stage_cfg = common.parse_config(cfg_cls, argv)
     parent = getattr(stage_cfg, "init", "")
-    stamp = {"config": common.config_hash(stage_cfg), "parent": common.file_hash(parent) if parent else None}
+    stamp = {"config": common.config_hash(stage_cfg, path_roots), "parent": common.file_hash(parent) if parent else None,
+             "world": world}
     done_path, ckpt = os.path.join(args["out_dir"], "done.json"), os.path.join(args["out_dir"], "ckpt.pt")
     if os.path.exists(done_path) and os.path.exists(ckpt) and not force:
         with open(done_path) as f:
             done = json.load(f)
         if {k: done.get(k) for k in stamp} == stamp:
-            print(f"[pipeline] {name}: done (config and parent unchanged), skipping")
+            print(f"[pipeline] {name}: done (config, parent and world unchanged), skipping")
             return done["wall_seconds"]
-        print(f"[pipeline] {name}: config or parent checkpoint changed since the last run: re-running it")
+        print(f"[pipeline] {name}: config, parent checkpoint or world changed since the last run: re-running it")
         os.remove(done_path)
     elif os.path.exists(ckpt) and not force and name != "online_dpo":
         print(f"[pipeline] {name}: found an unfinished run, resuming it")
@@ -130,15 +176,96 @@ def run_stage(name, module, args: dict, force: bool) -> float:
 
 def main(argv=None):
     cfg = common.parse_config(PipelineConfig, argv, __doc__)
+    return run_seeds(cfg) if cfg.seeds > 1 else run(cfg)
+
+
+def run_seeds(cfg: PipelineConfig) -> dict:
+    """The whole pipeline once per seed (same world), then every metric's mean and 95% CI over seeds."""
+    reports = []
+    for k in range(cfg.seeds):
+        out = cfg.out if k == 0 else f"{cfg.out}_seed{cfg.seed + k}"
+        print(f"[pipeline] seed {cfg.seed + k} of {cfg.seeds} -> {out}")
+        run(dataclasses.replace(cfg, seed=cfg.seed + k, out=out, seeds=1))
+        with open(os.path.join(out, "report.json")) as f:
+            reports.append(json.load(f))
+    summary = evaluate.summarise_seeds(reports, [cfg.seed + k for k in range(cfg.seeds)])
+    with open(os.path.join(cfg.out, "seeds.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(cfg.out, "seeds.md"), "w") as f:
+        f.write(evaluate.seeds_markdown(summary))
+    print(f"[pipeline] {cfg.seeds} seeds done: {os.path.join(cfg.out, 'seeds.md')}")
+    return summary
+
+
+def run(cfg: PipelineConfig):
     t_start = time.time()
     world_dir = cfg.world_dir or ("data/world" if cfg.preset == "tiny" else os.path.join(cfg.out, "world"))
-    wall = {"world": world.ensure_world(world_dir, cfg.seed, **PRESETS[cfg.preset]["world"])}
+    wall = {"world": world.ensure_world(world_dir, cfg.world_seed, **PRESETS[cfg.preset]["world"])}
     force = set(s for s in cfg.rerun.split(",") if s)
     for name, module, args in stage_plan(cfg, world_dir):
-        wall[name] = run_stage(name, module, args, "all" in force or name in force)
+        wall[name] = run_stage(name, module, args, "all" in force or name in force, roots(cfg, world_dir),
+                               world_id(world_dir))
+    if cfg.sweep:
+        return run_sweep(cfg, world_dir, t_start)
     evaluate.write_report(cfg.out, world_dir, cfg.preset, PRESETS[cfg.preset]["evaluate"], wall, t_start, cfg.device,
                           cfg.seed)
     print(f"[pipeline] done in {time.time() - t_start:.0f} s: {os.path.join(cfg.out, 'report.md')}")
+
+
+def run_sweep(cfg: PipelineConfig, world_dir: str, t_start: float):
+    """The reward-KL frontier (the small-scale analogue of the DPO paper's sentiment experiment): PPO at several KL
+    coefficients, DPO at several betas and best-of-n with the reward model, all from the main run's SFT model and
+    evaluated on the same held-out prompts; and over-optimisation: a long PPO run with beta = 0, whose rollouts are
+    scored by the reward model (the proxy it maximises) and by the gold judge (Gao et al. 2023). Writes
+    <out>/sweep/sweep.json, frontier.png and overoptimisation.png. Finished runs are skipped like pipeline stages."""
+    plan = {name: (module, args) for name, module, args in stage_plan(cfg, world_dir)}
+    for name in ("ppo", "dpo"):
+        common.check(name in plan, "stages", f"--sweep needs the {name} stage (its settings are the sweep's base)")
+    sweep_dir = os.path.join(cfg.out, "sweep")
+    main_ckpt = lambda stage: os.path.join(cfg.out, stage, "ckpt.pt")
+    runs = {"ppo": [("ppo", "kl_coef", main_ckpt("ppo"))], "dpo": [("dpo", "beta", main_ckpt("dpo"))], "grpo": []}
+    if "grpo" in plan:
+        runs["grpo"].append(("grpo", "kl_coef", main_ckpt("grpo")))
+    variants = [("overopt", "kl_coef", 0.0)] if cfg.overopt_iters else []
+    variants += [("ppo", "kl_coef", b) for b in floats(cfg.ppo_betas)] + [("dpo", "beta", b) for b in floats(cfg.dpo_betas)]
+    for method, key, value in variants:
+        module, args = plan["ppo" if method == "overopt" else method]
+        name = f"{method}_{key}{value:g}"
+        args = {**args, key: str(value), "out_dir": os.path.join(sweep_dir, name)}
+        if method == "overopt":  # long, and without the sample printing
+            args.update(iterations=str(cfg.overopt_iters), save_interval=str(max(1, cfg.overopt_iters // 4)))
+        run_stage(name, module, args, False, roots(cfg, world_dir), world_id(world_dir))
+        if method != "overopt":
+            runs[method].append((name, key, os.path.join(sweep_dir, name, "ckpt.pt")))
+    eval_args = [f"--{k}={v}" for k, v in PRESETS[cfg.preset]["evaluate"].items()]
+    ecfg = common.parse_config(evaluate.EvalConfig, eval_args + [
+        "--sft", main_ckpt("sft"), "--reward_model", main_ckpt("rm"),
+        "--prompts", os.path.join(world_dir, "prompts_eval.jsonl"), "--device", cfg.device, "--seed", str(cfg.seed)])
+    models = {"sft": main_ckpt("sft")} | {name: path for method in runs for name, _, path in runs[method]}
+    results = evaluate.evaluate_models(ecfg, models)
+    points = [{"method": "sft", "label": "SFT", **results["sft"]}]
+    for method in runs:
+        for name, key, _ in runs[method]:
+            beta = common.load_checkpoint(models[name])["config"][key]
+            points.append({"method": method, "label": f"{beta:g}", "beta": beta, **results[name]})
+    bon = evaluate.best_of_n(ecfg, [int(n) for n in floats(cfg.best_of)])
+    points += [{"method": "bon", "label": f"n={r['n']}", **r} for r in bon.values()]
+    for p in points:
+        p.pop("samples", None)
+    overopt = os.path.join(sweep_dir, "overopt_kl_coef0", "metrics.jsonl")
+    sweep = {"preset": cfg.preset, "machine": common.machine_name(), "total_seconds": time.time() - t_start,
+             "sampling": {"temperature": ecfg.temperature, "max_new_tokens": ecfg.max_new_tokens,
+                          "n_prompts": ecfg.n_prompts}, "points": points,
+             "overoptimisation": [r for r in common.read_metrics(overopt) if "score" in r] if cfg.overopt_iters else []}
+    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
+        json.dump(sweep, f, indent=1)
+    evaluate.plot_sweep(sweep, sweep_dir)
+    for p in points:
+        print(f"[sweep] {p['method']:5s} {p['label']:>7s}  KL {p['kl_to_sft']:6.2f}  gold {p['gold_score']:6.3f}  "
+              f"win rate {p['win_rate_vs_sft']:.3f} ± {p['win_rate_ci']:.3f}")
+    print(f"[pipeline] sweep done in {time.time() - t_start:.0f} s: {sweep_dir}/sweep.json, frontier.png, "
+          f"overoptimisation.png")
+    return sweep
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ and every token of response i gets A_i. The loss is PPO's clipped surrogate on p
 differ only in the advantage estimator (a controlled comparison). Options from the follow-up literature:
   --loss_norm token: sum over all tokens of the batch / number of tokens (DAPO, Yu et al. 2025; no length bias);
   --loss_norm sequence: mean over responses of each response's token mean (the GRPO paper's 1/|o_i|);
-  --drop_equal_groups: skip groups whose rewards are all equal, they carry no gradient (DAPO's dynamic sampling);
+  --drop_equal_groups: skip groups whose task scores are all equal (DAPO's dynamic sampling): without it their
+    advantages are the KL term's differences alone, which the std normalisation blows up to unit scale;
   --kl_in_loss: the GRPO paper's k3 estimator inside the loss instead of the k1 penalty in the reward. Beware: on
     samples from pi its gradient is that of KL(pi_ref || pi), not KL(pi || pi_ref) (Tang & Munos 2025; tested).
 Rewards: the learned reward model, a verifiable reward (exact answers of the world's task: RLVR), the gold judge
@@ -61,7 +62,7 @@ class GRPOConfig:
     kl_in_loss: bool = False  # k3 KL inside the loss (GRPO paper) instead of the k1 penalty in the reward
     scale_by_std: bool = True  # divide group advantages by the group std (false = Dr. GRPO)
     loss_norm: str = "token"  # "token" (DAPO) or "sequence" (GRPO paper)
-    drop_equal_groups: bool = False  # skip groups with identical rewards (DAPO dynamic sampling)
+    drop_equal_groups: bool = False  # skip groups whose task scores are identical (DAPO dynamic sampling)
     cliprange: float = 0.2  # epsilon of the clipped ratio
     no_end_penalty: float = -1.0  # score of responses that never emit <|end|> (not applied to verifiable rewards)
     grad_clip: float = 1.0  # clip the global gradient norm
@@ -111,6 +112,47 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, nor
     return loss, {"clipfrac": clipfrac.item(), "ratio": masked_mean(ratio, mask).item()}
 
 
+def grpo_update(policy, optimizer, ro, advantages, keep, cfg: GRPOConfig, it: int, d: common.Dist):
+    """Several epochs of clipped updates over shuffled minibatches of whole groups; `keep` (B,) masks out dropped
+    groups. Losses are normalised by global counts (all ranks), so N ranks equal one process. A minibatch whose groups
+    were all dropped is skipped: no optimizer step, since Adam's momentum would move the weights even with zero
+    gradients. Returns (mean [loss, entropy, clipfrac, ratio] over the updates made or None if none, last lr)."""
+    n_prompts, G, mask = cfg.prompts_per_iter, cfg.group_size, ro.response_mask
+    total_updates = cfg.iterations * cfg.ppo_epochs * cfg.minibatches
+    policy.train()
+    stats = []
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed + it * 997 + epoch))
+        for k in range(cfg.minibatches):
+            groups = perm[k * n_prompts // cfg.minibatches:(k + 1) * n_prompts // cfg.minibatches]
+            mb = (groups[:, None] * G + torch.arange(G)).view(-1).to(mask.device)
+            m = mask[mb] & keep[mb, None]
+            lr = common.lr_at((it * cfg.ppo_epochs + epoch) * cfg.minibatches + k, total_updates, cfg.lr,
+                              schedule="linear")
+            count = m.sum() if cfg.loss_norm == "token" else m.any(1).sum()
+            count = common.all_reduce_sum(count.float()) / d.world  # global normalisation
+            if count == 0:  # every group here was dropped, on every rank (the count is global)
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with common.autocast(d.device, cfg.dtype):
+                logits = policy(ro.tokens[mb], pad_mask=ro.pad_mask[mb])
+            logprobs = response_logprobs(logits, ro.tokens[mb], ro.P, cfg.temperature)
+            loss, s = clipped_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.cliprange,
+                                          (cfg.loss_norm, count))
+            if cfg.kl_in_loss:  # k3(pi, pi_ref) per token, with gradient (GRPO eq. 3)
+                k3 = kl_estimates(logprobs, ro.ref_logprobs[mb])[2]
+                loss = loss + cfg.kl_coef * masked_sum(k3, m) / count if cfg.loss_norm == "token" else \
+                    loss + cfg.kl_coef * masked_mean(k3, m, dim=1).sum() / count
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            entropy = masked_mean(entropy_from_logits(logits[:, ro.P - 1:-1].detach()), m)
+            stats.append([loss.item(), entropy.item(), s["clipfrac"], s["ratio"]])
+    return (torch.tensor(stats).mean(0).tolist() if stats else None), lr
+
+
 def train(cfg: GRPOConfig):
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
@@ -139,7 +181,6 @@ def train(cfg: GRPOConfig):
     policy = common.wrap_ddp(policy, d)
     log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
     stop = common.StopSignal()
-    total_updates = cfg.iterations * cfg.ppo_epochs * cfg.minibatches
 
     def save():
         gens = [generator.get_state()] * d.world
@@ -168,50 +209,24 @@ def train(cfg: GRPOConfig):
         # 2. group baselines -> one advantage per response
         advantages = group_advantages(rewards.view(n_prompts, G), cfg.estimator, cfg.scale_by_std).view(-1)
         keep = torch.ones(n_prompts * G, dtype=torch.bool, device=mask.device)
-        equal = rewards.view(n_prompts, G).std(1) == 0  # groups without signal
+        equal = scores.view(n_prompts, G).std(1) == 0  # the task reward says nothing (only the KL term differs)
         if cfg.drop_equal_groups:
             keep = ~equal.repeat_interleave(G)
 
         # 3. clipped updates over minibatches of whole groups
-        policy.train()
-        stats = []
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed + it * 997 + epoch))
-            for k in range(cfg.minibatches):
-                groups = perm[k * n_prompts // cfg.minibatches:(k + 1) * n_prompts // cfg.minibatches]
-                mb = (groups[:, None] * G + torch.arange(G)).view(-1).to(mask.device)
-                m = mask[mb] & keep[mb, None]
-                count = m.sum() if cfg.loss_norm == "token" else m.any(1).sum()
-                count = (common.all_reduce_sum(count.float()) / d.world).clamp(min=1)  # global normalisation
-                lr = common.lr_at((it * cfg.ppo_epochs + epoch) * cfg.minibatches + k, total_updates, cfg.lr,
-                                  schedule="linear")
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with common.autocast(d.device, cfg.dtype):
-                    logits = policy(ro.tokens[mb], pad_mask=ro.pad_mask[mb])
-                logprobs = response_logprobs(logits, ro.tokens[mb], ro.P, cfg.temperature)
-                loss, s = clipped_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.cliprange,
-                                              (cfg.loss_norm, count))
-                if cfg.kl_in_loss:  # k3(pi, pi_ref) per token, with gradient (GRPO eq. 3)
-                    k3 = kl_estimates(logprobs, ro.ref_logprobs[mb])[2]
-                    loss = loss + cfg.kl_coef * masked_sum(k3, m) / count if cfg.loss_norm == "token" else \
-                        loss + cfg.kl_coef * masked_mean(k3, m, dim=1).sum() / count
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                entropy = masked_mean(entropy_from_logits(logits[:, ro.P - 1:-1].detach()), m)
-                stats.append([loss.item(), entropy.item(), s["clipfrac"], s["ratio"]])
+        stats, lr = grpo_update(policy, optimizer, ro, advantages, keep, cfg, it, d)
         it += 1
 
         # 4. statistics over all ranks, logging
         gold = gold_fn([r["prompt"] for r in batch], ro) if gold_fn else torch.zeros_like(scores)
         local = torch.tensor([scores.mean(), gold.mean(), seq_kl.mean(), ro.ended.float().mean(),
-                              mask.sum(1).float().mean(), equal.float().mean(), *torch.tensor(stats).mean(0)]).double()
+                              mask.sum(1).float().mean(), equal.float().mean(), *(stats or [0.0] * 4)]).double()
         g = (common.all_reduce_sum(local) / d.world).tolist()
         row = {"iter": it, "score": g[0], "gold": g[1] if gold_fn else None, "kl": g[2], "end_rate": g[3],
                "length": g[4], "zero_variance_groups": g[5], "loss": g[6], "entropy": g[7], "clipfrac": g[8],
                "ratio": g[9], "lr": lr, "iter_s": time.time() - t0}
+        if stats is None:  # no update this iteration (every group dropped): nothing to report
+            row.update(loss=None, entropy=None, clipfrac=None, ratio=None)
         log.log(**row)
         bar.update(1)
         bar.set_postfix(score=f"{g[0]:.2f}", kl=f"{g[2]:.2f}")

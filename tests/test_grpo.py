@@ -69,3 +69,29 @@ def test_k3_in_the_loss_has_the_gradient_of_reverse_kl_ref_to_policy():
                                           theta)
     assert torch.allclose(grad_k3, grad_reverse, atol=1e-6)
     assert not torch.allclose(grad_k3, grad_forward, atol=1e-3)
+
+
+def test_dropped_groups_make_no_update_even_with_adam_momentum():
+    """DAPO's dynamic sampling: a minibatch whose groups all agree is skipped, not stepped with zero gradients (Adam's
+    momentum from earlier updates would still move the weights)."""
+    import copy
+    from nanoalign.common import Dist, make_optimizer
+    from nanoalign.model import GPT, GPTConfig
+    from nanoalign.rl import rollout
+    from nanoalign.train_grpo import GRPOConfig, grpo_update
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    cfg = GRPOConfig(prompts_per_iter=2, group_size=2, minibatches=2, ppo_epochs=1, iterations=4)
+    ro = rollout(policy, ref, [[1, 2, 3]] * 2 + [[4, 5]] * 2, end_id=39, pad_id=0, max_new_tokens=6, temperature=1.0,
+                 generator=torch.Generator().manual_seed(0))
+    optimizer = make_optimizer(policy, 1e-2, 0.0)
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    stats, _ = grpo_update(policy, optimizer, ro, advantages, torch.ones(4, dtype=torch.bool), cfg, 0, Dist())
+    assert stats is not None  # a real update: Adam now has momentum
+    before = [p.detach().clone() for p in policy.parameters()]
+    stats, _ = grpo_update(policy, optimizer, ro, advantages, torch.zeros(4, dtype=torch.bool), cfg, 1, Dist())
+    assert stats is None
+    assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters()))
+    stats, _ = grpo_update(policy, optimizer, ro, advantages, torch.tensor([True, True, False, False]), cfg, 2, Dist())
+    assert stats is not None and any(not torch.equal(a, p) for a, p in zip(before, policy.parameters()))

@@ -2,6 +2,10 @@
 finished stages, and re-running a stage whose config changed."""
 
 import json
+import math
+import shutil
+
+import pytest
 
 from nanoalign import pipeline
 
@@ -26,7 +30,7 @@ def test_micro_pipeline_writes_every_checkpoint_and_a_complete_report(micro_run)
     assert (micro_run / "report.md").exists() and (micro_run / "training_curves.png").exists()
 
 
-def test_pipeline_skips_finished_stages_and_reruns_a_stage_whose_config_changed(tmp_path, capsys):
+def test_pipeline_skips_finished_stages_and_reruns_a_stage_whose_config_or_world_changed(tmp_path, capsys):
     argv = ["--preset", "micro", "--out", str(tmp_path / "run"), "--stages", "pretrain,sft"]
     pipeline.main(argv)
     capsys.readouterr()
@@ -38,4 +42,53 @@ def test_pipeline_skips_finished_stages_and_reruns_a_stage_whose_config_changed(
     (tmp_path / "run" / "sft" / "done.json").write_text(json.dumps(done))
     pipeline.main(argv)
     out = capsys.readouterr().out
-    assert "pretrain: done" in out and "sft: config or parent checkpoint changed" in out
+    assert "pretrain: done" in out and "sft: config, parent checkpoint or world changed" in out
+    for stage in ("pretrain", "sft"):  # both trained before world.py was edited: the data they saw are gone
+        done = json.loads((tmp_path / "run" / stage / "done.json").read_text())
+        assert done["world"] == pipeline.world_id(str(tmp_path / "run" / "world"))
+        done["world"] = "0:0.05:an-older-world.py"
+        (tmp_path / "run" / stage / "done.json").write_text(json.dumps(done))
+    pipeline.main(argv)
+    out = capsys.readouterr().out
+    assert "pretrain: config, parent checkpoint or world changed" in out and "sft: config, parent" in out
+
+
+def test_rlvr_stage_reports_held_out_accuracy_of_sft_and_rlvr(micro_run):
+    report = json.loads((micro_run / "report.json").read_text())
+    for name in ("sft", "rlvr"):
+        r = report["stages"][name]
+        assert 0.0 <= r["verifiable_accuracy"] <= 1.0 and r["verifiable_accuracy_ci"] >= 0.0, name
+        n_problems = len((micro_run / "world" / "verifiable_val.jsonl").read_text().splitlines())
+        assert r["verifiable_n"] == min(report["sampling"]["n_prompts"], n_problems)
+    assert "Exact-answer task" in (micro_run / "report.md").read_text()
+
+
+def test_sweep_writes_the_frontier_with_best_of_n_and_the_overoptimisation_run(micro_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    sweep = pipeline.main(["--preset", "micro", "--out", str(run), "--sweep", "--ppo_betas", "0.2", "--dpo_betas",
+                           "0.3", "--best_of", "1,2,4", "--overopt_iters", "3"])
+    methods = [(p["method"], p["label"]) for p in sweep["points"]]
+    assert ("ppo", "0.05") in methods and ("ppo", "0.2") in methods and ("dpo", "0.3") in methods
+    bon = {p["n"]: p for p in sweep["points"] if p["method"] == "bon"}
+    for n, p in bon.items():  # KL(best-of-n || SFT) = log n - (n - 1) / n
+        assert p["kl_to_sft"] == pytest.approx(math.log(n) - (n - 1) / n)
+    # one nested pool of samples: the reward model's favourite of more samples scores at least as high
+    assert bon[1]["rm_score"] <= bon[2]["rm_score"] <= bon[4]["rm_score"]
+    assert [r["iter"] for r in sweep["overoptimisation"]] == [1, 2, 3]
+    assert all(r["kl_coef"] == 0.0 for r in sweep["overoptimisation"])
+    for name in ("sweep.json", "frontier.png", "overoptimisation.png"):
+        assert (run / "sweep" / name).exists(), name
+
+
+def test_seeds_report_mean_and_ci_over_seeds(micro_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run)
+    summary = pipeline.main(["--preset", "micro", "--out", str(run), "--seeds", "2",
+                             "--stages", "pretrain,sft,rm,dpo"])
+    assert summary["seeds"] == [0, 1] and (tmp_path / "run_seed1" / "dpo" / "ckpt.pt").exists()
+    gold = summary["stages"]["dpo"]["gold_score"]
+    a, b = gold["values"]
+    assert gold["mean"] == pytest.approx((a + b) / 2)
+    assert gold["ci"] == pytest.approx(12.706 * abs(a - b) / 2)  # t(0.975, 1 dof) * sd / sqrt(2)
+    assert "±" in (run / "seeds.md").read_text()
