@@ -318,12 +318,27 @@ def load_checkpoint(path: str, stages=None, tokenizer: str | None = None, map_lo
     and the tokenizer identity."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint not found")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = gpt2_checkpoint(path) if os.path.isdir(path) else torch.load(path, map_location=map_location,
+                                                                          weights_only=False)
     if stages is not None and ckpt.get("stage") not in stages:
         raise CheckpointError(f"{path}: is a '{ckpt.get('stage')}' checkpoint, expected one of {list(stages)}")
     if tokenizer is not None and ckpt.get("tokenizer") != tokenizer:
         raise CheckpointError(f"{path}: trained with tokenizer {ckpt.get('tokenizer')}, but {tokenizer} is in use")
     return ckpt
+
+
+def gpt2_checkpoint(directory: str) -> dict:
+    """A Hugging Face GPT-2 directory (model.safetensors or pytorch_model.bin, config.json, vocab.json, merges.txt) as
+    a pretrain-stage checkpoint, the embedding grown for the chat tokens: any stage's --init can start from GPT-2."""
+    from nanoalign.model import grow_vocab, load_gpt2
+    from nanoalign.tokenizer import load_tokenizer
+    for name in ("vocab.json", "merges.txt"):
+        if not os.path.exists(os.path.join(directory, name)):
+            raise CheckpointError(f"{directory}: a GPT-2 directory needs {name} (the tokenizer) beside the weights")
+    tok = load_tokenizer(directory)
+    model = grow_vocab(load_gpt2(directory), tok.n_vocab)
+    return {"stage": "pretrain", "model": model.state_dict(), "model_config": asdict(model.config),
+            "tokenizer": tok.name, "tokenizer_path": directory, "parent": None}
 
 
 def file_hash(path: str) -> str:

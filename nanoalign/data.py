@@ -147,6 +147,9 @@ def _sft(rec, where):
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: expected at least one assistant turn in 'messages', found none")
         return _tag(Messages(msgs), where)
+    if "chosen" in rec and "response" not in rec:  # a preference record (e.g. Anthropic HH): SFT on the chosen answer
+        ex = _pref(rec, where)
+        return _tag(Messages(list(ex["prompt"]) + [{"role": "assistant", "content": ex["chosen"]}]), where)
     if "instruction" in rec:  # Alpaca
         prompt, inp = _text(rec, "instruction", where), rec.get("input") or ""
         if not isinstance(inp, str):
@@ -155,8 +158,8 @@ def _sft(rec, where):
         return _tag(Messages([{"role": "user", "content": prompt},
                               {"role": "assistant", "content": _text(rec, "output", where)}]), where)
     if "prompt" not in rec:
-        raise DataError(f"{where}: expected 'prompt' and 'response', 'messages', or Alpaca 'instruction' and 'output',"
-                        f" found fields {sorted(rec)}")
+        raise DataError(f"{where}: expected 'prompt' and 'response', 'messages', Alpaca 'instruction' and 'output', "
+                        f"or a preference record's 'chosen', found fields {sorted(rec)}")
     return _tag(Messages(_prompt(rec["prompt"], where) +
                          [{"role": "assistant", "content": _text(rec, "response", where)}]), where)
 
@@ -240,7 +243,10 @@ def _prompt_record(rec, where):
         while msgs and msgs[-1]["role"] == "assistant":
             msgs.pop()
         return _tag(Messages(_prompt(msgs, where)), where)
-    raise DataError(f"{where}: expected a field 'prompt' (or 'messages'), found fields {sorted(rec)}")
+    if "chosen" in rec:  # a preference record (e.g. Anthropic HH): its shared prompt
+        return _pref(rec, where)["prompt"]
+    raise DataError(f"{where}: expected a field 'prompt', 'messages' or a preference record's 'chosen', found fields "
+                    f"{sorted(rec)}")
 
 
 def load_prompts(path, skip_bad=False) -> list[list[dict]]:

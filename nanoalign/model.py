@@ -257,6 +257,20 @@ def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | 
     return model
 
 
+def grow_vocab(model: GPT, n: int) -> GPT:
+    """Give the tied embedding n rows (GPT-2 + our chat tokens): the new rows start at the mean of the old ones
+    (Hewitt 2021), so new tokens begin as an average token. Old tokens keep their logits exactly: with tied weights a
+    logit is h . w_token, and no old row or hidden state changes."""
+    old = model.lm_head.weight
+    V, C = old.shape
+    if n <= V:
+        return model
+    weight = nn.Parameter(torch.cat([old.detach(), old.detach().mean(0, keepdim=True).expand(n - V, C)]))
+    model.lm_head.weight = model.transformer.wte.weight = weight
+    model.lm_head.out_features = model.transformer.wte.num_embeddings = model.config.vocab_size = n
+    return model
+
+
 def load_gpt2(path: str, block_size: int | None = None, n_head: int | None = None) -> GPT:
     """path: a pytorch_model.bin, a model.safetensors, or a directory holding one of them (and config.json)."""
     if os.path.isdir(path):

@@ -133,6 +133,19 @@ def response_texts(tok, tokens, pad_mask, P: int) -> list[str]:
     return [tok.decode([t for t in row[P:][m[P:]].tolist() if t != tok.end_id]) for row, m in zip(tokens, pad_mask)]
 
 
+def reward_function(spec: str):
+    """"gold" (the built-in world's judge) or "module:function": function(prompts: list[str], responses: list[str])
+    -> list[float], importable from where you run (e.g. myreward.py in the current directory: "myreward:brevity")."""
+    if spec == "gold":
+        from nanoalign.world import gold_scores
+        return gold_scores
+    import importlib
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"--reward {spec!r}: expected 'rm', 'verifiable', 'gold' or 'module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
 def make_scorer(spec: str, reward_model_path: str | None, tok, device):
     """A reward source for RL: score(prompts: list of message lists, ro: Rollout, answers=None) -> (B,) tensor.
 
@@ -147,14 +160,8 @@ def make_scorer(spec: str, reward_model_path: str | None, tok, device):
     if spec == "verifiable":
         from nanoalign.world import verifiable_reward
         fn = None
-    elif spec == "gold":
-        from nanoalign.world import gold_scores as fn
     else:
-        import importlib
-        module, _, name = spec.partition(":")
-        if not name:
-            raise ValueError(f"--reward {spec!r}: expected 'rm', 'verifiable', 'gold' or 'module:function'")
-        fn = getattr(importlib.import_module(module), name)
+        fn = reward_function(spec)
 
     def score(prompts, ro, answers=None):
         texts = response_texts(tok, ro.tokens, ro.pad_mask, ro.P)

@@ -4,6 +4,12 @@ pretrained one continues plain text.
 
     python -m nanoalign.sample --ckpt out/tiny/sft/ckpt.pt --prompt "Tell me a story about a cat in the park."
     python -m nanoalign.sample --ckpt out/tiny/pretrain/ckpt.pt --prompt "Once upon a time" --n 3
+    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --compare out/tiny/sft/ckpt.pt     # side by side
+    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --interactive                      # multi-turn chat
+
+In --interactive mode each line you type is a user turn; the conversation so far (yours and the model's turns, in the
+chat template) is the prompt of the next answer, cut from the left to fit the context. /reset starts over; an empty
+line or end of input quits. With --compare both models answer every turn, each continuing its own conversation.
 """
 
 import os
@@ -22,10 +28,12 @@ from nanoalign.tokenizer import load_tokenizer, render_chat
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/tiny/sft/ckpt.pt"  # any checkpoint written by a stage
+    ckpt: str = "out/tiny/sft/ckpt.pt"  # any checkpoint written by a stage (or a GPT-2 directory)
     prompt: str = "Tell me a story about a cat in the park."  # the user's message (or plain text for a base model)
+    compare: str = ""  # a second checkpoint (same tokenizer): its answers are printed beside the first's
+    interactive: bool = False  # multi-turn chat from standard input (see above)
     chat: str = "auto"  # "auto" (chat template unless the checkpoint is a pretrained base model), "yes" or "no"
-    n: int = 1  # how many samples
+    n: int = 1  # how many samples per model
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # keep the k most likely tokens (0 = off)
     top_p: float = 1.0  # nucleus sampling mass (1 = off)
@@ -34,27 +42,61 @@ class SampleConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
+def load(path: str, device: str):
+    ckpt = common.load_checkpoint(path)
+    return ckpt, load_tokenizer(ckpt["tokenizer_path"]), common.build_model(ckpt, device).eval()
+
+
+def answers(model, tok, prompt_ids: list[int], stop: int, cfg: SampleConfig, device) -> list[str]:
+    """cfg.n sampled continuations of one prompt, as text (the stop token removed)."""
+    prompt_ids = prompt_ids[-(model.config.block_size - cfg.max_new_tokens):]  # keep the most recent context
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    tokens, mask, P = generate(model, [prompt_ids] * cfg.n, cfg.max_new_tokens, stop, tok.pad_id, cfg.temperature,
+                               cfg.top_k, cfg.top_p, generator=g)
+    return [tok.decode([t for t in row[P:][m[P:]].tolist() if t != stop]) for row, m in zip(tokens, mask)]
+
+
+def chat_loop(models: dict, cfg: SampleConfig, device) -> dict:
+    """Multi-turn chat on stdin; every model keeps its own conversation. Returns name -> list of its answers."""
+    history = {name: [] for name in models}
+    said = {name: [] for name in models}
+    while True:
+        print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():  # an empty line or end of input
+            return said
+        if line.strip() == "/reset":
+            history = {name: [] for name in models}
+            continue
+        for name, (ckpt, tok, model) in models.items():
+            history[name].append({"role": "user", "content": line.strip()})
+            ids = render_chat(tok, history[name], add_generation_prompt=True)[0]
+            text = answers(model, tok, ids, tok.end_id, cfg, device)[0]
+            history[name].append({"role": "assistant", "content": text})
+            said[name].append(text)
+            print(f"{name}> {text}")
+
+
 def main(argv=None):
     cfg = common.parse_config(SampleConfig, argv, __doc__)
     device = common.init_dist(cfg.device).device
-    ckpt = common.load_checkpoint(cfg.ckpt)
-    tok = load_tokenizer(ckpt["tokenizer_path"])
-    model = common.build_model(ckpt, device).eval()
-    chat = cfg.chat == "yes" or (cfg.chat == "auto" and ckpt.get("stage") != "pretrain")
-    if chat:
-        prompt = render_chat(tok, [{"role": "user", "content": cfg.prompt}], add_generation_prompt=True)[0]
-    else:
-        prompt = tok.encode(cfg.prompt)
-    stop = tok.end_id if chat else tok.eot_id
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    tokens, mask, P = generate(model, [prompt] * cfg.n, cfg.max_new_tokens, stop, tok.pad_id, cfg.temperature,
-                               cfg.top_k, cfg.top_p, generator=g)
-    outs = []
-    for row, m in zip(tokens, mask):
-        text = tok.decode([t for t in row[P:][m[P:]].tolist() if t != stop])
-        outs.append(text)
-        print(f"--- {ckpt.get('stage')} | {cfg.prompt!r}\n{text}")
-    return outs
+    models = {}
+    for path in [cfg.ckpt] + ([cfg.compare] if cfg.compare else []):
+        name = os.path.basename(os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path) or "."))
+        models[name if name not in models else name + "'"] = load(path, device)  # out/x/ppo/ckpt.pt -> "ppo"
+    names = {tok.name for _, tok, _ in models.values()}
+    common.check(len(names) == 1, "compare", f"the two checkpoints use different tokenizers {sorted(names)}")
+    if cfg.interactive:
+        return chat_loop(models, cfg, device)
+    outs = {}
+    for name, (ckpt, tok, model) in models.items():
+        chat = cfg.chat == "yes" or (cfg.chat == "auto" and ckpt.get("stage") != "pretrain")
+        ids = render_chat(tok, [{"role": "user", "content": cfg.prompt}], add_generation_prompt=True)[0] if chat \
+            else tok.encode(cfg.prompt)
+        outs[name] = answers(model, tok, ids, tok.end_id if chat else tok.eot_id, cfg, device)
+        for text in outs[name]:
+            print(f"--- {name} ({ckpt.get('stage')}) | {cfg.prompt!r}\n{text}")
+    return outs if cfg.compare else outs[next(iter(outs))]
 
 
 if __name__ == "__main__":

@@ -141,16 +141,68 @@ class Tokenizer:
         return self.enc.decode([int(i) for i in ids if int(i) != self.pad_id])
 
 
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def with_chat_tokens(name, pat_str, ranks: dict[bytes, int], special: dict[str, int]) -> Tokenizer:
+    """A GPT-2-style vocabulary plus our chat tokens: special tokens it already has (<|endoftext|>) keep their ids,
+    the others follow its vocabulary (the model's embedding must grow: model.grow_vocab)."""
+    n = max([*ranks.values(), *special.values()]) + 1
+    extra = [s for s in SPECIAL_TOKENS if s not in special]
+    enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks,
+                            special_tokens={**special, **{s: n + i for i, s in enumerate(extra)}})
+    return Tokenizer(enc, name)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte in vocab.json/merges.txt (openai/gpt-2 encoder.py): printable bytes
+    stand for themselves, the other 68 are shifted to chr(256 + k). Its order is also the order of ranks 0..255."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, shifted = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + shifted)
+            shifted += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def load_gpt2_files(directory: str) -> Tokenizer:
+    """GPT-2's tokenizer from a local vocab.json + merges.txt (as Hugging Face ships it), no download. The byte tokens
+    take ranks 0..255 in bytes_to_unicode order and merge i takes rank 256 + i (what tiktoken's BPE needs: the lower
+    rank merges first); vocab.json's ids must equal those ranks, so the checkpoint's embedding rows line up."""
+    import json
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    decode = lambda s: bytes(byte_of[c] for c in s)
+    ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}
+    merges_path, vocab_path = os.path.join(directory, "merges.txt"), os.path.join(directory, "vocab.json")
+    with open(merges_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.startswith("#version") or not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{merges_path}:{line_no}: expected two tokens separated by a space, got {line!r}")
+            ranks[decode(parts[0]) + decode(parts[1])] = len(ranks)
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    special = {t: i for t, i in vocab.items() if t in SPECIAL_TOKENS}
+    for token, i in vocab.items():
+        if token not in special and ranks.get(decode(token)) != i:
+            raise ValueError(f"{vocab_path}: {token!r} has id {i} but rank {ranks.get(decode(token))} from "
+                             f"{merges_path}: the two files do not belong together")
+    digest = hashlib.sha256(open(vocab_path, "rb").read() + open(merges_path, "rb").read()).hexdigest()[:8]
+    return with_chat_tokens(f"gpt2-{len(vocab)}-{digest}", GPT2_SPLIT_PATTERN, ranks, special)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load a .tiktoken file written by save_tokenizer, or "gpt2" (tiktoken's GPT-2 BPE, from tiktoken's cache)."""
+    """Load a .tiktoken file written by save_tokenizer; a directory with GPT-2's vocab.json and merges.txt (offline);
+    or "gpt2" (tiktoken's GPT-2 BPE, from tiktoken's cache: it downloads when the cache is empty)."""
     if path == "gpt2":
         base = tiktoken.get_encoding("gpt2")
-        # <|endoftext|> keeps GPT-2's id 50256; our chat tokens follow its vocabulary (the model's embedding must grow)
-        extra = [s for s in SPECIAL_TOKENS if s not in base._special_tokens]
-        special = {**base._special_tokens, **{s: base.n_vocab + i for i, s in enumerate(extra)}}
-        enc = tiktoken.Encoding(name="gpt2-chat", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
-                                special_tokens=special)
-        return Tokenizer(enc, "gpt2-chat")
+        return with_chat_tokens("gpt2-chat", base._pat_str, base._mergeable_ranks, base._special_tokens)
+    if os.path.isdir(path):
+        return load_gpt2_files(path)
     with open(path, "rb") as f:
         data = f.read()
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}

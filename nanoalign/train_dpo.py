@@ -37,7 +37,7 @@ from nanoalign import common
 from nanoalign.data import load_prefs, load_prompts, pad, tokenize_pref
 from nanoalign.generate import upcast
 from nanoalign.model import set_dropout
-from nanoalign.rl import load_reward_model, rollout_pairs
+from nanoalign.rl import load_reward_model, reward_function, rollout_pairs
 from nanoalign.tokenizer import load_tokenizer
 
 
@@ -63,7 +63,7 @@ class DPOConfig:
     online_rounds: int = 0  # rounds of online DPO after the offline pass (0 = offline only)
     online_prompts: str = "data/world/prompts_rl.jsonl"  # prompts sampled in each online round
     online_pairs: int = 512  # prompts (= new pairs) per round
-    online_judge: str = "rm"  # who labels the online pairs: "rm" (needs --reward_model) or "gold" (oracle)
+    online_judge: str = "rm"  # who labels online pairs: "rm" (needs --reward_model), "gold" (oracle), "module:function"
     reward_model: str = "out/tiny/rm/ckpt.pt"  # the reward model for online labelling
     online_update_ref: bool = False  # move the reference to the current policy at the start of each round
     temperature: float = 1.0  # sampling temperature of the online responses
@@ -79,7 +79,8 @@ class DPOConfig:
         common.check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         common.check(self.epochs >= 0, "epochs", "must be >= 0")
         common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
-        common.check(self.online_judge in ("rm", "gold"), "online_judge", "must be 'rm' or 'gold'")
+        common.check(self.online_judge in ("rm", "gold") or ":" in self.online_judge, "online_judge",
+                     "must be 'rm', 'gold' or 'module:function' (your own reward)")
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
@@ -229,8 +230,10 @@ def train(cfg: DPOConfig):
         if cfg.online_update_ref:  # iterative DPO: the policy of the last round becomes the new reference
             ref.load_state_dict(raw_policy.state_dict())
             ref_memo.clear()
-        if not run_pass(pairs, f"online{rnd}", step, max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum)),
-                        cfg.seed + 1 + rnd, local=True):
+        n_steps = torch.tensor(max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum)), device=d.device)
+        if d.ddp:  # ranks drop different numbers of ties, but must take the same number of steps (or DDP hangs)
+            torch.distributed.all_reduce(n_steps, op=torch.distributed.ReduceOp.MIN)
+        if not run_pass(pairs, f"online{rnd}", step, int(n_steps), cfg.seed + 1 + rnd, local=True):
             break
     save()
     common.cleanup_dist()
@@ -239,14 +242,13 @@ def train(cfg: DPOConfig):
 
 def online_pairs(cfg, d, tok, policy, rnd, max_len):
     """This rank's fresh pairs for round `rnd`: two samples per prompt from the current policy, ranked by the judge."""
-    from nanoalign.world import gold_scores  # the built-in world's judge; only needed with --online_judge gold
     prompts = load_prompts(cfg.online_prompts)
     rm = load_reward_model(cfg.reward_model, d.device) if cfg.online_judge == "rm" else None
     start = (rnd * d.world + d.rank) * cfg.online_pairs
     chunk = [prompts[(start + i) % len(prompts)] for i in range(cfg.online_pairs)]
     g = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + rnd * 1009 + d.rank)  # per-rank sampling
     return rollout_pairs(policy, tok, chunk, cfg.max_new_tokens, cfg.temperature, g, max_len,
-                         rm=rm, judge=None if rm else gold_scores)
+                         rm=rm, judge=None if rm else reward_function(cfg.online_judge))
 
 
 def main(argv=None):

@@ -86,6 +86,8 @@ class PPOConfig:
         common.check(self.batch_size % self.minibatches == 0, "batch_size",
                      f"{self.batch_size} is not divisible by minibatches {self.minibatches}")
         common.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        common.check(self.reward != "verifiable", "reward", "the verifiable reward needs answers per prompt: use "
+                     "python -m nanoalign.train_grpo --reward verifiable")
         common.check(self.temperature > 0, "temperature", "must be > 0 (sampling and log-probs share it)")
         common.check(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "lam", "gamma and lam must be in [0, 1]")
         common.check(self.iterations > 0 and self.ppo_epochs > 0, "iterations", "iterations and ppo_epochs must be > 0")

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # `torchrun nanoalign/train_pretrain.py` runs thi
 
 from nanoalign import common
 from nanoalign.generate import upcast
-from nanoalign.model import GPT, GPTConfig, load_gpt2
+from nanoalign.model import GPT, GPTConfig, grow_vocab, load_gpt2
 from nanoalign.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from nanoalign.world import entropy_floor_nats_per_token
 
@@ -36,7 +36,7 @@ class PretrainConfig:
     out_dir: str = "out/tiny/pretrain"  # checkpoint, metrics.jsonl and run.json go here
     data: str = "data/world/pretrain.txt"  # UTF-8 text; documents separated by blank lines
     val_data: str = "data/world/pretrain_val.txt"  # held-out text ("" = the last 5% of --data)
-    tokenizer: str = "data/world/tok512.tiktoken"  # .tiktoken file (trained on --data if missing) or "gpt2"
+    tokenizer: str = "data/world/tok512.tiktoken"  # .tiktoken file (trained on --data if missing), GPT-2 dir or "gpt2"
     vocab_size: int = 512  # ordinary tokens when a new tokenizer is trained
     init_from: str = "scratch"  # "scratch", or a GPT-2 checkpoint file/directory to continue pretraining from
     n_layer: int = 4  # transformer blocks
@@ -68,6 +68,8 @@ class PretrainConfig:
         common.check(self.dtype in ("float32", "bfloat16", "float16", "float64"), "dtype",
                      "float32, bfloat16, float16 or float64")
         common.check(self.lr > 0, "lr", "must be > 0")
+        common.check(self.init_from == "scratch" or self.tokenizer == "gpt2" or os.path.isdir(self.tokenizer),
+                     "tokenizer", "GPT-2 weights need GPT-2's tokenizer: the directory with vocab.json and merges.txt")
 
 
 def get_tokenizer(cfg: PretrainConfig):
@@ -142,8 +144,7 @@ def train(cfg: PretrainConfig):
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(cfg.block_size, tok.n_vocab, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout))
     else:
-        model = load_gpt2(cfg.init_from, cfg.block_size)
-        assert model.config.vocab_size >= tok.n_vocab, "the GPT-2 checkpoint's vocabulary is smaller than the tokenizer"
+        model = grow_vocab(load_gpt2(cfg.init_from, cfg.block_size), tok.n_vocab)  # + rows for the chat tokens
     model.to(d.device)
     model = common.with_precision(model, cfg.dtype)
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device=d.device)

@@ -229,3 +229,19 @@ def test_flops_per_token_counts_six_n_plus_attention():
     m = tiny_model()
     n = m.num_params()
     assert m.flops_per_token(48) == 6 * n + 12 * 2 * 32 * 48
+
+
+def test_growing_the_vocabulary_keeps_old_logits_and_starts_new_rows_at_the_mean():
+    from nanoalign.model import grow_vocab
+    m = tiny_model(seed=5)
+    x = torch.randint(1, V, (2, 9))
+    before = m(x)
+    old = m.lm_head.weight.detach().clone()
+    grow_vocab(m, V + 4)
+    after = m(x)
+    assert after.shape[-1] == V + 4 and m.config.vocab_size == V + 4
+    assert torch.allclose(after[..., :V], before, atol=1e-6)  # old tokens keep their logits
+    assert torch.allclose(m.transformer.wte.weight[V:], old.mean(0).expand(4, -1))
+    assert m.transformer.wte.weight is m.lm_head.weight  # still tied
+    m(torch.tensor([[1, V + 3]])).sum().backward()  # the new rows are usable and trainable
+    assert m.lm_head.weight.grad[V + 3].abs().sum() > 0

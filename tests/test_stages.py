@@ -94,11 +94,11 @@ def test_ppo_first_minibatch_has_ratio_one_and_kl_is_zero_at_init(micro_run):
 
 def test_ppo_no_end_penalty_and_pluggable_reward_reach_the_rollout_scores(micro_run, tmp_path):
     """A custom reward of +5 for every answer; with 2 new tokens no answer can end, so every score must be -1."""
-    (tmp_path / "myreward.py").write_text("def five(prompts, responses):\n    return [5.0 for _ in responses]\n")
+    (tmp_path / "fivereward.py").write_text("def five(prompts, responses):\n    return [5.0 for _ in responses]\n")
     sys.path.insert(0, str(tmp_path))
     from nanoalign import train_ppo
     out = tmp_path / "ppo"
-    train_ppo.main(["--init", ckpt(micro_run, "sft"), "--reward", "myreward:five", "--prompts",
+    train_ppo.main(["--init", ckpt(micro_run, "sft"), "--reward", "fivereward:five", "--prompts",
                     world(micro_run, "prompts_rl.jsonl"), "--iterations", "1", "--batch_size", "4", "--minibatches", "1",
                     "--ppo_epochs", "1", "--max_new_tokens", "2", "--out_dir", str(out), "--log_gold", "false"])
     rows = common.read_metrics(out / "metrics.jsonl")
@@ -181,7 +181,8 @@ def test_wrong_kind_of_checkpoint_and_bad_config_get_clear_errors(micro_run, cap
     with pytest.raises(common.CheckpointError, match="is a 'rm' checkpoint"):
         train_sft.main(["--init", ckpt(micro_run, "rm"), "--data", world(micro_run, "sft_train.jsonl")])
     for argv, field in [(["--beta_typo", "1"], "beta_typo"), (["--batch_size", "x"], "batch_size"),
-                        (["--batch_size", "6", "--minibatches", "4"], "batch_size"), (["--kl_coef", "-1"], "kl_coef")]:
+                        (["--batch_size", "6", "--minibatches", "4"], "batch_size"), (["--kl_coef", "-1"], "kl_coef"),
+                        (["--reward", "verifiable"], "reward")]:
         with pytest.raises(SystemExit):
             train_ppo.main(argv)
         assert field in capsys.readouterr().err
@@ -201,6 +202,23 @@ def test_sample_cli_answers_in_the_chat_template(micro_run):
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
     base = sample.main(["--ckpt", ckpt(micro_run, "pretrain"), "--prompt", "Once upon a time", "--max_new_tokens", "8"])
     assert len(base) == 1
+
+
+def test_sample_side_by_side_and_multi_turn_chat_keeps_each_models_conversation(micro_run, monkeypatch):
+    import io
+    from nanoalign import sample
+    both = sample.main(["--ckpt", ckpt(micro_run, "ppo"), "--compare", ckpt(micro_run, "sft"), "--max_new_tokens", "8"])
+    assert set(both) == {"ppo", "sft"} and all(len(v) == 1 for v in both.values())
+    prompts, real = [], sample.answers
+    monkeypatch.setattr(sample, "answers", lambda model, tok, ids, *a: prompts.append(tok.decode(ids)) or
+                        real(model, tok, ids, *a))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me a story about a cat.\nWho is in it?\n/reset\nHi.\n\n"))
+    said = sample.main(["--ckpt", ckpt(micro_run, "ppo"), "--compare", ckpt(micro_run, "sft"), "--interactive",
+                        "--max_new_tokens", "8"])
+    assert [len(v) for v in said.values()] == [3, 3]
+    # turn 2 of the first model sees turn 1 and its own first answer; after /reset the story is forgotten
+    assert prompts[2].startswith("<|user|>Tell me a story about a cat.<|end|><|assistant|>" + said["ppo"][0])
+    assert "Who is in it?" in prompts[2] and "story" not in prompts[4] and "Hi." in prompts[4]
 
 
 def test_online_dpo_pairs_are_ranked_by_the_judge_and_a_round_trains(micro_run, tmp_path):
@@ -224,3 +242,18 @@ def test_online_dpo_pairs_are_ranked_by_the_judge_and_a_round_trains(micro_run, 
     rows = common.read_metrics(tmp_path / "odpo" / "metrics.jsonl")
     assert rows and all(r["phase"] == "online0" for r in rows)
     assert (tmp_path / "odpo" / "ckpt.pt").exists()
+
+
+def test_online_dpo_pairs_can_be_ranked_by_your_own_judge(micro_run, tmp_path, monkeypatch):
+    """--online_judge module:function: a judge that prefers longer answers must make every chosen answer the longer."""
+    from nanoalign import train_dpo
+    (tmp_path / "myjudge.py").write_text("def longer(prompts, responses):\n"
+                                         "    return [float(len(r)) for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = common.parse_config(train_dpo.DPOConfig, ["--online_judge", "myjudge:longer", "--online_pairs", "8",
+                                                    "--online_prompts", world(micro_run, "prompts_rl.jsonl")])
+    sft, tok, _ = load(micro_run, "sft")
+    pairs = train_dpo.online_pairs(cfg, common.Dist(), tok, sft, 0, 128)
+    assert pairs
+    text = lambda ids: tok.decode([t for t in ids if t != tok.end_id])
+    assert all(len(text(c)) > len(text(r)) for _, c, r in pairs)

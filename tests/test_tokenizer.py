@@ -167,3 +167,47 @@ def test_gpt2_keeps_endoftext_id_and_appends_chat_tokens():
     assert tok.eot_id == 50256  # GPT-2's own id, so its pretrained embedding row still means "end of document"
     assert [tok.pad_id, tok.user_id, tok.assistant_id, tok.end_id] == [50257, 50258, 50259, 50260]
     assert tok.decode(tok.encode("Hello world")) == "Hello world" and tok.encode("Hello world") == [15496, 995]
+
+
+def write_gpt2_files(directory, merges=(("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"))):
+    """A hand-made GPT-2 tokenizer in Hugging Face's layout: 256 byte tokens in bytes_to_unicode order, then one token
+    per merge, then <|endoftext|>; returns the vocab dict."""
+    import json
+    from nanoalign.tokenizer import bytes_to_unicode
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return vocab
+
+
+def test_gpt2_tokenizer_from_vocab_and_merges_matches_the_merge_table_and_round_trips(tmp_path):
+    vocab = write_gpt2_files(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.encode("hell") == [vocab["hell"]]  # h+e, l+l, then he+ll: the merge table applied in order
+    assert tok.encode("hello") == [vocab["hell"], vocab["o"]]
+    assert tok.encode("he lo") == [vocab["he"], vocab["Ġ"], vocab["l"], vocab["o"]]  # " lo": space is byte Ġ
+    assert tok.encode(" w") == [vocab["Ġw"]]
+    assert tok.eot_id == vocab["<|endoftext|>"] == 260  # GPT-2's own end-of-document id is kept
+    assert [tok.pad_id, tok.user_id, tok.assistant_id, tok.end_id] == [261, 262, 263, 264] and tok.n_vocab == 265
+    rng = random.Random(0)
+    for _ in range(50):  # arbitrary unicode, including what no merge covers
+        text = "".join(chr(rng.choice([rng.randint(32, 126), rng.randint(160, 0x2FFF), rng.randint(0x1F300, 0x1F64F)]))
+                       for _ in range(rng.randint(1, 30)))
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode("hello <|end|> wörld 🙂")) == "hello <|end|> wörld 🙂"  # typed specials stay text
+
+
+def test_gpt2_vocab_and_merges_that_do_not_belong_together_are_rejected(tmp_path):
+    write_gpt2_files(tmp_path)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nl l\nh e\nhe ll\nĠ w\n", encoding="utf-8")  # swapped order
+    with pytest.raises(ValueError, match="do not belong together"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nh e x\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"merges.txt:2: expected two tokens"):
+        load_tokenizer(str(tmp_path))

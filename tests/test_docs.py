@@ -1,0 +1,149 @@
+"""Documentation cannot rot: every `python -m nanoalign.<module> ...` line in a ```bash block of README.md and the
+tutorials runs here, in order, shrunk to seconds (one step, the micro world) and pointed at a copy of the micro run
+instead of out/tiny and data/world. torchrun lines are parsed (every flag must exist) but not launched."""
+
+import dataclasses
+import importlib
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", ROOT / "data" / "README.md"] + sorted((ROOT / "tutorials").rglob("*.md"))
+
+# Flags appended to shrink each command to seconds (argparse keeps the last value of a repeated flag).
+SHRINK = {
+    "train_pretrain": ["--stop_at", "1", "--eval_batches", "1"],
+    "train_sft": ["--stop_at", "1"], "train_rm": ["--stop_at", "1", "--norm_examples", "8"],
+    "train_dpo": ["--stop_at", "1", "--online_pairs", "8", "--max_new_tokens", "16"],
+    "train_ppo": ["--stop_at", "1", "--batch_size", "8", "--minibatches", "2", "--max_new_tokens", "16"],
+    "train_grpo": ["--stop_at", "1", "--prompts_per_iter", "4", "--group_size", "2", "--minibatches", "2",
+                   "--max_new_tokens", "16"],
+    "evaluate": ["--n_prompts", "8", "--max_new_tokens", "16"],
+    "sample": ["--max_new_tokens", "8"],
+    "pipeline": ["--preset", "micro", "--seeds", "1", "--ppo_betas", "0.2", "--dpo_betas", "0.3", "--best_of", "1,2",
+                 "--overopt_iters", "2"],
+    "world": ["--scale", "0.02"],
+    "bench": ["--quick", "--only", "generate"],
+}
+SKIP = {"pytest"}  # the test command itself
+
+
+def documented_commands():
+    """(file, line number, shell words) of every command line in a ```bash block of the docs."""
+    found = []
+    for path in DOCS:
+        in_block, pending = False, ""
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                in_block = line.strip() in ("```bash", "```sh")
+                continue
+            text = pending + " " + line.split(" #")[0].strip()
+            if in_block and text.endswith("\\"):  # a continued line
+                pending = text[:-1]
+                continue
+            text, pending = text.strip(), ""
+            if in_block and text:
+                text = text.split("&&")[-1].strip()  # `pip install ... && python -m ...`: the python part
+                if text.startswith(("python -m nanoalign.", "torchrun ")):
+                    found.append((path.relative_to(ROOT), i, shlex.split(text)))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_show_commands_for_every_stage():
+    modules = {w[2].split(".")[1] for _, _, w in COMMANDS if w[0] == "python"}
+    assert {"pipeline", "train_sft", "train_rm", "train_ppo", "train_dpo", "train_grpo", "sample", "evaluate"} <= modules
+
+
+def documented_files():
+    """{name: text} of the ```python blocks whose first line is `# <name>.py` (e.g. README's myreward.py)."""
+    files = {}
+    for path in DOCS:
+        for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S):
+            first = block.splitlines()[0].strip()
+            if re.fullmatch(r"# \w+\.py", first):
+                files[first[2:]] = block
+    return files
+
+
+@pytest.fixture(scope="module")
+def docs_run(micro_run, tmp_path_factory):
+    """A private copy of the micro run, so documented commands may write anywhere in it; beside it (the commands'
+    working directory) what the "your own" sections assume: a GPT-2 directory at models/gpt2 (a tiny random stand-in
+    in Hugging Face's layout), my_data/hh.jsonl (Anthropic HH), my_data/text.txt, and the files the docs show."""
+    run = tmp_path_factory.mktemp("docs") / "run"
+    shutil.copytree(micro_run, run)
+    import json
+    import torch
+    from nanoalign.model import GPT, GPTConfig
+    from test_model import fake_hf_gpt2_state_dict, write_safetensors
+    from test_own_data import hh_record
+    from test_tokenizer import write_gpt2_files
+    gpt2 = run.parent / "models" / "gpt2"
+    vocab = write_gpt2_files(str(gpt2))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(vocab), block_size=128, n_layer=1, n_head=2, n_embd=32))
+    write_safetensors(fake_hf_gpt2_state_dict(model, with_buffers=False), gpt2 / "model.safetensors")
+    (gpt2 / "config.json").write_text(json.dumps({"n_head": 2}))
+    (run.parent / "my_data").mkdir()
+    (run.parent / "my_data" / "hh.jsonl").write_text("".join(json.dumps(hh_record(i)) + "\n" for i in range(16)))
+    (run.parent / "my_data" / "text.txt").write_text("Hello world. This is my own text.\n\nA second document.\n" * 400)
+    for name, text in documented_files().items():
+        (run.parent / name).write_text(text)
+    return run
+
+
+def remap(value: str, run: Path) -> str:
+    """out/tiny/... (or out/micro/...) -> the copy of the micro run; data/world/... -> its world."""
+    value = re.sub(r"(?<![\w/])out/(tiny|micro)(?![\w])", str(run), value)
+    return re.sub(r"(?<![\w/])data/world", str(run / "world"), value)
+
+
+def defaults_to_remap(module, argv, run):
+    """Config fields left at a default under out/tiny or data/world (e.g. out_dir) are pointed at the copy too."""
+    cls = next((v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
+                and v.__module__ == module.__name__), None)
+    if cls is None:
+        return []
+    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    extra = []
+    for f in dataclasses.fields(cls):
+        if f.name not in given and isinstance(f.default, str) and remap(f.default, run) != f.default:
+            extra += [f"--{f.name}", remap(f.default, run)]
+    return extra
+
+
+@pytest.mark.parametrize("where,line,words", COMMANDS, ids=[f"{p}:{n}" for p, n, _ in COMMANDS])
+def test_documented_command_runs(where, line, words, docs_run, monkeypatch):
+    monkeypatch.chdir(docs_run.parent)
+    monkeypatch.syspath_prepend(str(docs_run.parent))  # `python -m` imports your own reward from the working dir
+    if words[0] == "torchrun":  # parse only: the script's flags must all exist
+        script = next(w for w in words if w.endswith(".py"))
+        name = Path(script).stem
+        argv = [remap(w, docs_run) for w in words[words.index(script) + 1:]]
+        module = importlib.import_module(f"nanoalign.{name}")
+        cls = next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
+                   and v.__module__ == module.__name__)
+        from nanoalign import common
+        common.parse_config(cls, argv)
+        return
+    name = words[2].split(".", 1)[1]
+    if name in SKIP:
+        return
+    module = importlib.import_module(f"nanoalign.{name}")
+    argv = [remap(w, docs_run) for w in words[3:]]
+    argv += defaults_to_remap(module, argv, docs_run) + SHRINK.get(name, [])
+    if name == "pipeline":
+        argv += ["--out", str(docs_run)] if "--out" not in words else []
+    if name == "world":
+        argv += ["--out", str(docs_run / "world_doc")]  # never overwrite the run's world
+    try:
+        module.main(argv)
+    except SystemExit as e:
+        assert e.code in (0, None), f"{where}:{line}: `{' '.join(words)}` exited with {e.code}"

@@ -1,0 +1,62 @@
+"""Your own GPT-2 and your own data, end to end: a GPT-2 directory in Hugging Face's layout (weights, config.json,
+vocab.json, merges.txt; a tiny random stand-in, since nothing is downloaded) and a small file in the Anthropic HH
+schema go through SFT -> reward model -> DPO and PPO at micro sizes, then the evaluation without a gold judge."""
+
+import json
+
+import torch
+
+from nanoalign import common, evaluate, train_dpo, train_ppo, train_rm, train_sft
+from nanoalign.model import GPT, GPTConfig
+from test_model import fake_hf_gpt2_state_dict, write_safetensors
+from test_tokenizer import write_gpt2_files
+
+QUESTIONS = ["Tell me about cats.", "What is a hen?", "Say hello.", "Name a colour.", "Why is the sky blue?",
+             "Give me a word.", "Count to three.", "Who are you?"]
+
+
+def hh_record(i):
+    q = QUESTIONS[i % len(QUESTIONS)]
+    history = "\n\nHuman: Hi.\n\nAssistant: Hello." if i % 3 == 0 else ""  # some multi-turn dialogues
+    prompt = f"{history}\n\nHuman: {q}\n\nAssistant:"
+    return {"chosen": f"{prompt} A helpful answer about {q.lower()}", "rejected": f"{prompt} no"}
+
+
+def test_own_gpt2_and_hh_data_run_sft_rm_dpo_ppo_and_a_judgeless_evaluation(tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    vocab = write_gpt2_files(gpt2)
+    torch.manual_seed(0)
+    src = GPT(GPTConfig(vocab_size=len(vocab), block_size=96, n_layer=2, n_head=2, n_embd=32))
+    write_safetensors(fake_hf_gpt2_state_dict(src, with_buffers=False), gpt2 / "model.safetensors")
+    (gpt2 / "config.json").write_text(json.dumps({"n_head": 2}))
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text("".join(json.dumps(hh_record(i)) + "\n" for i in range(24)))
+    run = {s: tmp_path / s for s in ("sft", "rm", "dpo", "ppo")}
+    small = ["--batch_size", "4", "--eval_interval", "100"]
+
+    train_sft.main(["--init", str(gpt2), "--data", str(hh), "--val_data", "", "--max_steps", "3", "--n_samples", "1",
+                    "--out_dir", str(run["sft"])] + small)  # SFT on the chosen answers
+    sft = common.load_checkpoint(str(run["sft"] / "ckpt.pt"), stages=["sft"])
+    assert sft["tokenizer"].startswith("gpt2-") and sft["tokenizer_path"] == str(gpt2)
+    assert sft["model_config"]["vocab_size"] == len(vocab) + 4  # GPT-2's vocabulary + <|pad|>, turns and <|end|>
+    train_rm.main(["--init", str(run["sft"] / "ckpt.pt"), "--data", str(hh), "--val_data", str(hh), "--norm_data", "",
+                   "--epochs", "0.5", "--out_dir", str(run["rm"])] + small)
+    train_dpo.main(["--init", str(run["sft"] / "ckpt.pt"), "--data", str(hh), "--val_data", str(hh), "--epochs", "0.5",
+                    "--out_dir", str(run["dpo"])] + small)
+    train_ppo.main(["--init", str(run["sft"] / "ckpt.pt"), "--reward_model", str(run["rm"] / "ckpt.pt"), "--prompts",
+                    str(hh), "--iterations", "2", "--batch_size", "4", "--minibatches", "2", "--ppo_epochs", "1",
+                    "--max_new_tokens", "8", "--log_gold", "false", "--out_dir", str(run["ppo"])])
+    for stage, path in run.items():
+        assert (path / "ckpt.pt").exists(), stage
+    rows = common.read_metrics(str(run["ppo"] / "metrics.jsonl"))
+    assert [r["iter"] for r in rows if "iter" in r] == [1, 2] and all(r.get("gold") is None for r in rows)
+
+    out = tmp_path / "eval.json"
+    evaluate.main(["--models", f"dpo={run['dpo'] / 'ckpt.pt'},ppo={run['ppo'] / 'ckpt.pt'}", "--sft",
+                   str(run["sft"] / "ckpt.pt"), "--reward_model", str(run["rm"] / "ckpt.pt"), "--judge", "none",
+                   "--prompts", str(hh), "--n_prompts", "8", "--max_new_tokens", "8", "--out", str(out)])
+    results = json.loads(out.read_text())
+    for name in ("dpo", "ppo"):
+        r = results[name]
+        assert r["gold_score"] is None and r["win_rate_vs_sft"] is None  # no judge: null, never 0
+        assert isinstance(r["rm_score"], float) and isinstance(r["kl_to_sft"], float)
