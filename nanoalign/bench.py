@@ -236,6 +236,9 @@ def bench_pretrain_all(b: Bench, args):
     if args.char:  # nanoGPT's train.py ran 13-18k tokens/s at this size on these machines
         model = new_model(c, b.device, block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128)
         bench_pretrain(b, "pretrain char-level", model, 16, 128, "float32", note="nanoGPT: 13-18k tok/s")
+        model = new_model(c, b.device, block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128, bias=False,
+                          gelu="none")  # nanoGPT's defaults: no biases, the exact GELU
+        bench_pretrain(b, "pretrain char-level, nanoGPT's layers", model, 16, 128, "float32")
     for name, dtype, comp in variants if cuda and not args.quick else []:  # GPT-2 124M: 12 x 12 heads x 768 wide
         model = new_model(c, b.device, block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
         bench_pretrain(b, f"pretrain GPT-2 124M {name}", model, 8, 1024, dtype, comp)

@@ -274,11 +274,82 @@ def progress(total: int, initial: int = 0, desc: str = "", disable: bool = False
                 mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
 
+class HealthError(RuntimeError):
+    pass
+
+
+TUTORIAL = "tutorials/{}#healthy-and-unhealthy-curves"
+
+
+class Doctor:
+    """The run doctor: reads every logged row for the known failure signatures and warns once per signature with what
+    it usually means and where the tutorials explain it. A non-finite loss stops the run at once (the checkpoint on
+    disk is then the last good one: rows are logged before a save); with --strict every warning stops it."""
+
+    def __init__(self, strict: bool = False, master: bool = True):
+        self.strict, self.master, self.rows, self.warned = strict, master, [], set()
+
+    def check(self, row: dict):
+        self.rows.append(row)
+        for name, message in diagnose(self.rows):
+            if name not in self.warned:
+                self.warned.add(name)
+                text = f"[doctor] {name}: {message}"
+                if name == "non-finite loss" or self.strict:
+                    raise HealthError(text)
+                if self.master:
+                    print(text, file=sys.stderr)
+
+
+def diagnose(rows: list[dict]) -> list[tuple[str, str]]:
+    """(signature, explanation) of each failure signature that the rows logged so far show. Thresholds are loose on
+    purpose: a healthy run of any preset stays silent."""
+    row, found = rows[-1], []
+    window = lambda key, a, b: [r[key] for r in rows[a:b] if isinstance(r.get(key), (int, float))]
+    mean = lambda xs: sum(xs) / len(xs)
+    if isinstance(row.get("loss"), float) and not math.isfinite(row["loss"]):
+        found.append(("non-finite loss", "the loss is NaN or inf: the learning rate is too high, or fp16 overflowed. "
+                      "Stopped; the checkpoint on disk is from before it. Lower --lr, or use bfloat16/float32."))
+    if isinstance(row.get("kl"), float) and row["kl"] < -1.0:  # the mean of k1 over samples of pi cannot be < 0
+        found.append(("negative KL", "the sampled KL to the reference is clearly negative: the log-probs are not those "
+                      "of the sampling distribution (temperature, top-k/top-p). See " + TUTORIAL.format("04-ppo.md")))
+    if isinstance(row.get("kl"), float) and row["kl"] > 50.0:
+        found.append(("exploding KL", f"the policy is {row['kl']:.0f} nats from the reference: beta too small or lr too"
+                      " high, and the reward model is being exploited. See " + TUTORIAL.format("04-ppo.md")))
+    if isinstance(row.get("entropy"), float) and row["entropy"] < 0.05:
+        found.append(("entropy collapse", "the policy is nearly deterministic: every answer looks the same and RL "
+                      "has nothing left to compare. See " + TUTORIAL.format("04-ppo.md")))
+    ends = window("end_rate", -50, len(rows)) if "end_rate" in row else []  # windows only where the row has the key
+    if len(ends) >= 4 and max(ends[:-3]) > 0.5 and max(ends[-3:]) == 0.0:
+        found.append(("no end token", "no answer emits <|end|> any more: the policy learned to ramble. See "
+                      + TUTORIAL.format("04-ppo.md")))
+    chosen = window("logps/chosen", 0, len(rows)) if "logps/chosen" in row else []
+    rejected = window("logps/rejected", 0, len(rows)) if "logps/rejected" in row else []
+    if len(chosen) >= 10 and len(rejected) >= 10:
+        c0, r0, c1, r1 = mean(chosen[:5]), mean(rejected[:5]), mean(chosen[-5:]), mean(rejected[-5:])
+        if c1 < 1.25 * c0 and r1 < r0:  # (log-probs are negative) chosen lost a quarter of its log-prob, rejected too
+            found.append(("DPO log-probs collapsing", f"log p(chosen) {c0:.1f} -> {c1:.1f} and log p(rejected) "
+                          f"{r0:.1f} -> {r1:.1f}: both answers lose probability, a known DPO failure (raise --beta, "
+                          "lower --lr, or use --label_smoothing). See " + TUTORIAL.format("05-dpo.md")))
+    score, gold = window("score", -20, -10), window("gold", -20, -10)
+    score_now, gold_now = window("score", -10, len(rows)), window("gold", -10, len(rows))
+    if "gold" in row and len(rows) >= 20 and len(gold) == len(gold_now) == 10 and len(score) == len(score_now) == 10:
+        if mean(score_now) > mean(score) + 0.1 and mean(gold_now) < mean(gold) - 0.1:
+            found.append(("over-optimisation", "the reward rises while the gold judge's score falls: the policy is "
+                          "exploiting the reward model. Raise --kl_coef or stop earlier. See "
+                          + TUTORIAL.format("04-ppo.md")))
+    if row.get("tokens_per_s") == 0:
+        found.append(("no trainable tokens", "a step had no answer tokens to train on: every answer was truncated "
+                      "away? Raise --max_len or shorten the prompts."))
+    return found
+
+
 class MetricsLog:
-    """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0 only); run.json records the run."""
+    """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0 only); run.json records the run. Every row
+    also goes to the run doctor (on every rank: the rows are all-reduced, so every rank stops together)."""
 
     def __init__(self, out_dir: str, cfg, master: bool = True, resume: bool = False):
-        self.master = master
+        self.master, self.doctor = master, Doctor(getattr(cfg, "strict", False), master)
         self.path = os.path.join(out_dir, "metrics.jsonl")
         if master:
             os.makedirs(out_dir, exist_ok=True)
@@ -288,9 +359,11 @@ class MetricsLog:
                 json.dump(run_info(cfg), f, indent=1, default=str)
 
     def log(self, **metrics):
+        metrics = {k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}
         if self.master:
             with open(self.path, "a") as f:
-                f.write(json.dumps({k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}) + "\n")
+                f.write(json.dumps(metrics) + "\n")
+        self.doctor.check(metrics)
 
 
 def read_metrics(path: str) -> list[dict]:

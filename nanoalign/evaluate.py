@@ -126,9 +126,10 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
               - sequence_logprob_sums(s.sft, batches, cfg.temperature)).mean().item()
         ended = torch.cat([(tokens[:, P:] == s.tok.end_id).any(1) for tokens, _, P in batches]).float()
         lengths = torch.cat([mask[:, P:].sum(1) for _, mask, P in batches]).float()
-        r = {"gold_score": sum(gold) / len(gold) if gold else None, "rm_score": None if rm is None else rm.mean().item(),
-             "kl_to_sft": kl, "win_rate_vs_sft": None, "win_rate_ci": None, "end_rate": ended.mean().item(),
-             "mean_length": lengths.mean().item(), "distinct_2": distinct_n(texts)}
+        r = {"gold_score": sum(gold) / len(gold) if gold else None,
+             "rm_score": None if rm is None else rm.mean().item(), "kl_to_sft": kl, "win_rate_vs_sft": None,
+             "win_rate_ci": None, "end_rate": ended.mean().item(), "mean_length": lengths.mean().item(),
+             "distinct_2": distinct_n(texts)}
         if gold:
             r["win_rate_vs_sft"], r["win_rate_ci"] = win_rate(gold, sft_gold)
         r["samples"] = [{"prompt": p, "response": t} for p, t in zip(s.prompts[:3], texts[:3])]
@@ -195,7 +196,7 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
     """Evaluate every stage's checkpoint of a pipeline run; write report.json, report.md and the plots."""
     stage_ckpt = lambda s: os.path.join(run_dir, s, "ckpt.pt")
     names = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "dpo": "dpo", "online_dpo": "online_dpo", "grpo": "grpo",
-             "rlvr": "rlvr"}
+             "rlvr": "rlvr", "distill": "distill"}
     models = {k: stage_ckpt(v) for k, v in names.items() if os.path.exists(stage_ckpt(v))}
     argv = [f"--{k}={v}" for k, v in eval_overrides.items()]
     has_rm = os.path.exists(stage_ckpt("rm"))
@@ -219,6 +220,10 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
                                          os.path.join(world_dir, "verifiable_val.jsonl"))
         for name, r in verifiable.items():
             stages[name] |= {"verifiable_" + k: v for k, v in r.items()}
+    if "distill" in models:  # the student's size and sampling speed beside its teacher's
+        ck = common.load_checkpoint(models["distill"])
+        stages["distill"] |= {f"{who}_params": n for who, n in (ck.get("params") or {}).items()}
+        stages["distill"] |= {f"{who}_new_tokens_per_s": v for who, v in (ck.get("sampling_speed") or {}).items()}
     world_stats = {}
     if os.path.exists(os.path.join(world_dir, "world.json")):
         with open(os.path.join(world_dir, "world.json")) as f:
@@ -264,14 +269,19 @@ def report_markdown(report) -> str:
         lines += ["", f"Reward model: held-out accuracy {fmt(rm['val_accuracy'])} against the annotators' (noisy) "
                       f"labels, agreement with the gold judge {fmt(rm['gold_agreement'])}."]
     if "verifiable_accuracy" in report["stages"].get("rlvr", {}):
-        v = {k: report["stages"][k] for k in ("sft", "rlvr")}
-        lines += ["", f"Exact-answer task ({v['rlvr']['verifiable_n']} held-out problems, one answer each): SFT "
-                      f"{v['sft']['verifiable_accuracy']:.3f} ± {v['sft']['verifiable_accuracy_ci']:.3f}, GRPO with the "
-                      f"verifiable reward {v['rlvr']['verifiable_accuracy']:.3f} ± {v['rlvr']['verifiable_accuracy_ci']:.3f}."
-                      f" Paired with a second, independent SFT sample set ({v['rlvr']['verifiable_sft_baseline']:.3f}): "
-                      f"{v['rlvr']['verifiable_vs_sft']:+.3f} ± {v['rlvr']['verifiable_vs_sft_ci']:.3f} for GRPO, "
-                      f"{v['sft']['verifiable_vs_sft']:+.3f} ± {v['sft']['verifiable_vs_sft_ci']:.3f} for SFT itself "
-                      f"(the noise floor)."]
+        sft, rlvr = ({k.removeprefix("verifiable_"): v for k, v in report["stages"][name].items()}
+                     for name in ("sft", "rlvr"))
+        lines += ["", f"Exact-answer task ({rlvr['n']} held-out problems, one answer each): SFT {sft['accuracy']:.3f} "
+                      f"± {sft['accuracy_ci']:.3f}, GRPO with the verifiable reward {rlvr['accuracy']:.3f} ± "
+                      f"{rlvr['accuracy_ci']:.3f}. Paired with a second, independent SFT sample set "
+                      f"({rlvr['sft_baseline']:.3f}): {rlvr['vs_sft']:+.3f} ± {rlvr['vs_sft_ci']:.3f} for GRPO, "
+                      f"{sft['vs_sft']:+.3f} ± {sft['vs_sft_ci']:.3f} for SFT itself (the noise floor)."]
+    if "student_params" in report["stages"].get("distill", {}):
+        s = report["stages"]["distill"]
+        speed = (f", sampling {s['student_new_tokens_per_s'] / s['teacher_new_tokens_per_s']:.1f}x as fast"
+                 if s.get("teacher_new_tokens_per_s") else "")
+        lines += ["", f"Distillation: a {s['student_params'] / 1e6:.2f}M-parameter student of the "
+                      f"{s['teacher_params'] / 1e6:.2f}M-parameter PPO model{speed}."]
     lines += ["", f"Pretraining validation loss {fmt(report['pretrain_val_loss'])} nats/token; the world's entropy "
                   f"floor is {fmt(report['entropy_floor'])}.", "", "![training curves](training_curves.png)", ""]
     return "\n".join(lines)
@@ -333,14 +343,19 @@ def seeds_markdown(summary: dict) -> str:
     pm = lambda s, k, nd=3: "-" if k not in s else f"{s[k]['mean']:.{nd}f} ± {s[k]['ci']:.{nd}f}"
     lines = [f"# nanoalign report over seeds {summary['seeds']} ({summary['preset']})", "",
              f"Machine: {summary['machine']}. Mean ± 95% CI (Student t over seeds).", "",
-             "| stage | gold score | win rate vs SFT | KL to SFT | RM score | end rate |", "|---|---:|---:|---:|---:|---:|"]
+             "| stage | gold score | win rate vs SFT | KL to SFT | RM score | end rate | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, s in summary["stages"].items():
         if name != "rm":
             lines.append(f"| {name} | {pm(s, 'gold_score')} | {pm(s, 'win_rate_vs_sft')} | {pm(s, 'kl_to_sft', 2)} | "
-                         f"{pm(s, 'rm_score')} | {pm(s, 'end_rate', 2)} |")
+                         f"{pm(s, 'rm_score')} | {pm(s, 'end_rate', 2)} | {pm(s, 'wall_seconds', 0)} |")
     if "rm" in summary["stages"]:
         rm = summary["stages"]["rm"]
         lines += ["", f"Reward model: accuracy {pm(rm, 'val_accuracy')}, gold agreement {pm(rm, 'gold_agreement')}."]
+    if "verifiable_accuracy" in summary["stages"].get("rlvr", {}):
+        sft, rlvr = summary["stages"]["sft"], summary["stages"]["rlvr"]
+        lines += ["", f"Exact-answer task: SFT {pm(sft, 'verifiable_accuracy')}, GRPO with the verifiable reward "
+                      f"{pm(rlvr, 'verifiable_accuracy')}, paired difference {pm(rlvr, 'verifiable_vs_sft')}."]
     return "\n".join(lines) + "\n"
 
 

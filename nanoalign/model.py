@@ -33,6 +33,8 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0    # used in pretraining/SFT only; RM, PPO and DPO switch it off (see set_dropout)
     bias: bool = True       # biases in Linear and LayerNorm, as in GPT-2
+    gelu: str = "tanh"      # "tanh": GPT-2's approximation (needed for its weights); "none": exact (nanoGPT's), ~5%
+                            # faster on CPU, where the tanh form is a slower kernel
 
 
 class KVCache:
@@ -82,9 +84,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.approximate = cfg.gelu
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2 uses the tanh GELU
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -236,7 +239,7 @@ def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | 
     n_pos = sd["wpe.weight"].shape[0]
     n_head = n_head or max(1, n_embd // 64)  # 12, 16, 20, 25 heads for GPT-2 small, medium, large, xl
     cfg = GPTConfig(block_size=block_size or n_pos, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
-                    n_embd=n_embd, dropout=0.0, bias=True)
+                    n_embd=n_embd, dropout=0.0, bias=True, gelu="tanh")
     assert cfg.block_size <= n_pos, f"block_size {cfg.block_size} > the checkpoint's {n_pos} positions"
     model = GPT(cfg)
     ours = model.state_dict()

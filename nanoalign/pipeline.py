@@ -23,7 +23,8 @@ from dataclasses import dataclass
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common, evaluate, train_dpo, train_grpo, train_ppo, train_pretrain, train_rm, train_sft, world
+from nanoalign import (common, evaluate, train_distill, train_dpo, train_grpo, train_ppo, train_pretrain, train_rm,
+                       train_sft, world)
 
 # Per-stage overrides of each stage's own defaults. "tiny" is the stage defaults themselves: one source of truth.
 PRESETS = {
@@ -38,9 +39,13 @@ PRESETS = {
         "dpo": {"epochs": 0.2, "batch_size": 8, "eval_interval": 10},
         "grpo": {"iterations": 3, "prompts_per_iter": 4, "group_size": 2, "minibatches": 2, "ppo_epochs": 2,
                  "max_new_tokens": 32, "save_interval": 2},
+        "pretrain_small": {"n_layer": 1, "n_head": 2, "n_embd": 32, "max_steps": 40, "batch_size": 8,
+                           "eval_interval": 20, "eval_batches": 2},
+        "distill": {"max_steps": 10, "batch_size": 8, "max_new_tokens": 32, "save_interval": 5},
         "evaluate": {"n_prompts": 24, "max_new_tokens": 48, "batch_size": 24},
     },
-    "tiny": {"world": {}, "pretrain": {}, "sft": {}, "rm": {}, "ppo": {}, "dpo": {}, "grpo": {}, "evaluate": {}},
+    "tiny": {"world": {}, "pretrain": {}, "sft": {}, "rm": {}, "ppo": {}, "dpo": {}, "grpo": {}, "evaluate": {},
+             "pretrain_small": {"n_layer": 2, "n_head": 2, "n_embd": 64}, "distill": {}},
     "gpu": {  # one GPU: a GPT-2-small-sized model (124M) on the same world; bf16 autocast
         "world": {"scale": 4.0},
         "pretrain": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 256, "batch_size": 64, "max_steps": 3000,
@@ -50,12 +55,16 @@ PRESETS = {
         "ppo": {"iterations": 200, "batch_size": 256, "minibatches": 8, "lr": 1e-5, "dtype": "bfloat16"},
         "dpo": {"batch_size": 64, "lr": 5e-6, "dtype": "bfloat16"},
         "grpo": {"iterations": 200, "prompts_per_iter": 64, "minibatches": 8, "lr": 1e-5, "dtype": "bfloat16"},
+        "pretrain_small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "batch_size": 64,
+                           "max_steps": 3000, "lr": 1e-3, "warmup": 200, "dtype": "bfloat16", "eval_interval": 500,
+                           "vocab_size": 2048},
+        "distill": {"batch_size": 64, "max_steps": 1000, "lr": 3e-4, "dtype": "bfloat16"},
         "evaluate": {"n_prompts": 800},
     },
 }
 
 
-STAGES = ["pretrain", "sft", "rm", "ppo", "dpo", "grpo", "rlvr", "online_dpo"]
+STAGES = ["pretrain", "sft", "rm", "ppo", "dpo", "grpo", "rlvr", "online_dpo", "pretrain_small", "distill"]
 
 
 @dataclass
@@ -98,7 +107,7 @@ def floats(text: str) -> list[float]:
 def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
     """(name, module, argv) for every training stage, wired parent -> child."""
     p, out, seed = PRESETS[cfg.preset], cfg.out, str(cfg.seed)
-    ck = {s: os.path.join(out, s, "ckpt.pt") for s in ("pretrain", "sft", "rm", "dpo")}
+    ck = {s: os.path.join(out, s, "ckpt.pt") for s in ("pretrain", "sft", "rm", "dpo", "ppo", "pretrain_small")}
     w = lambda name: os.path.join(world_dir, name)
     common_args = {"seed": seed, "device": cfg.device}
     plan = {
@@ -116,12 +125,19 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
                               "iterations": 60}),
         "online_dpo": (train_dpo, {"init": ck["dpo"], "epochs": "0", "online_rounds": "2", "reward_model": ck["rm"],
                                    "online_prompts": w("prompts_rl.jsonl"), "val_data": w("prefs_val.jsonl")}),
+        # distillation: a smaller GPT pretrained on the same text (same tokenizer), then taught by the PPO model
+        "pretrain_small": (train_pretrain, {"data": w("pretrain.txt"), "val_data": w("pretrain_val.txt"),
+                                            "tokenizer": w(f"tok{p['pretrain'].get('vocab_size', 512)}.tiktoken")}),
+        "distill": (train_distill, {"teacher": ck["ppo"], "init": ck["pretrain_small"],
+                                    "prompts": w("prompts_rl.jsonl")}),
     }
     names = [s for s in cfg.stages.split(",") if s] + (["online_dpo"] if cfg.online_dpo else [])
     out_plan = []
     for name in names:
         module, args = plan[name]
         overrides = p.get({"online_dpo": "dpo", "rlvr": "grpo"}.get(name, name), {})  # same sizes as their base
+        if name == "pretrain_small":  # the teacher's pretraining, at the student's sizes
+            overrides = {**p.get("pretrain", {}), **overrides}
         args = {**common_args, **args, **{k: str(v) for k, v in overrides.items()}}
         if name == "online_dpo":
             args.update(epochs="0", online_rounds="2")
@@ -148,11 +164,21 @@ def run_stage(name, module, args: dict, force: bool, path_roots: dict | None = N
     argv = [x for k, v in args.items() for x in (f"--{k}", str(v))]
     cfg_cls = {train_pretrain: train_pretrain.PretrainConfig, train_sft: train_sft.SFTConfig,
                train_rm: train_rm.RMConfig, train_ppo: train_ppo.PPOConfig, train_dpo: train_dpo.DPOConfig,
-               train_grpo: train_grpo.GRPOConfig}[module]
+               train_grpo: train_grpo.GRPOConfig, train_distill: train_distill.DistillConfig}[module]
     stage_cfg = common.parse_config(cfg_cls, argv)
     parent = getattr(stage_cfg, "init", "")
-    stamp = {"config": common.config_hash(stage_cfg, path_roots), "parent": common.file_hash(parent) if parent else None,
-             "world": world}
+    stamp = {"config": common.config_hash(stage_cfg, path_roots),
+             "parent": common.file_hash(parent) if parent else None, "world": world}
+    # the other checkpoints a stage reads: a re-trained reward model (or teacher) re-runs the stages that use it
+    if hasattr(stage_cfg, "online_rounds"):  # DPO reads the reward model only to label online pairs
+        uses_rm = stage_cfg.online_rounds > 0 and stage_cfg.online_judge == "rm"
+    else:
+        uses_rm = getattr(stage_cfg, "reward", "") == "rm"
+    inputs = {k: getattr(stage_cfg, k) for k in ("reward_model", "teacher") if hasattr(stage_cfg, k)}
+    inputs = {k: common.file_hash(v) for k, v in inputs.items()
+              if (k != "reward_model" or uses_rm) and os.path.isfile(v)}
+    if inputs:
+        stamp["inputs"] = inputs
     done_path, ckpt = os.path.join(args["out_dir"], "done.json"), os.path.join(args["out_dir"], "ckpt.pt")
     if os.path.exists(done_path) and os.path.exists(ckpt) and not force:
         with open(done_path) as f:
@@ -227,7 +253,8 @@ def run_sweep(cfg: PipelineConfig, world_dir: str, t_start: float):
     if "grpo" in plan:
         runs["grpo"].append(("grpo", "kl_coef", main_ckpt("grpo")))
     variants = [("overopt", "kl_coef", 0.0)] if cfg.overopt_iters else []
-    variants += [("ppo", "kl_coef", b) for b in floats(cfg.ppo_betas)] + [("dpo", "beta", b) for b in floats(cfg.dpo_betas)]
+    variants += [("ppo", "kl_coef", b) for b in floats(cfg.ppo_betas)]
+    variants += [("dpo", "beta", b) for b in floats(cfg.dpo_betas)]
     for method, key, value in variants:
         module, args = plan["ppo" if method == "overopt" else method]
         name = f"{method}_{key}{value:g}"

@@ -72,6 +72,7 @@ class DPOConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped (offline pass)
+    strict: bool = False  # stop on any warning of the run doctor (common.Doctor), not only on a NaN loss
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
 
     def validate(self):
@@ -213,10 +214,12 @@ def train(cfg: DPOConfig):
                    "logps/rejected": s[5], "lr": lr, "pairs_per_s": global_batch / dt}
             bar.update(1)
             bar.set_postfix(loss=f"{s[0]:.3f}", margin=f"{s[1] - s[2]:.2f}")
-            if val_set and (step % cfg.eval_interval == 0 or step == first + n_steps):
+            evaluate = val_set and (step % cfg.eval_interval == 0 or step == first + n_steps)
+            if evaluate:
                 row.update(validate())
+            log.log(**row)  # the run doctor reads the row first: a NaN loss never reaches a checkpoint
+            if evaluate:
                 save()
-            log.log(**row)
             if stop.should_stop():
                 break
         bar.close()

@@ -72,6 +72,7 @@ class GRPOConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast; log-probs stay fp32)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    strict: bool = False  # stop on any warning of the run doctor (common.Doctor), not only on a NaN loss
     stop_at: int = 0  # stop with a checkpoint after this iteration (0 = run to the end)
 
     def validate(self):

@@ -80,6 +80,7 @@ class PPOConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast; log-probs stay fp32)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    strict: bool = False  # stop on any warning of the run doctor (common.Doctor), not only on a NaN loss
     stop_at: int = 0  # stop with a checkpoint after this iteration (0 = run to the end)
 
     def validate(self):
@@ -256,8 +257,8 @@ def train(cfg: PPOConfig):
         if cfg.adaptive_kl:  # every rank applies the same all-reduced KL, so beta stays identical everywhere
             kl_coef = adaptive_kl_update(kl_coef, g[2], cfg.kl_target, cfg.batch_size * d.world, cfg.kl_horizon)
         row = {"iter": it, "score": g[0], "gold": g[1] if gold_fn else None, "kl": g[2], "kl_k3": g[3],
-               "end_rate": g[4], "length": g[5], "explained_variance": g[6], "pg_loss": g[7], "vf_loss": g[8], "entropy": g[9],
-               "clipfrac": g[10], "approxkl": g[11], "ratio": g[12], "kl_coef": kl_coef, "lr": lr,
+               "end_rate": g[4], "length": g[5], "explained_variance": g[6], "pg_loss": g[7], "vf_loss": g[8],
+               "entropy": g[9], "clipfrac": g[10], "approxkl": g[11], "ratio": g[12], "kl_coef": kl_coef, "lr": lr,
                "rollout_s": t_rollout, "iter_s": time.time() - t0}
         log.log(**row)
         bar.update(1)

@@ -44,6 +44,8 @@ class PretrainConfig:
     n_embd: int = 128  # model width
     block_size: int = 128  # context length in tokens
     dropout: float = 0.0  # dropout in pretraining (0 is best for small models trained briefly)
+    bias: bool = True  # biases in Linear and LayerNorm (GPT-2: true; nanoGPT's default: false)
+    gelu: str = "tanh"  # "tanh" (GPT-2's GELU) or "none" (exact, nanoGPT's; faster on CPU)
     batch_size: int = 16  # sequences per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1200  # optimizer steps
@@ -59,12 +61,14 @@ class PretrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
     compile: bool = False  # torch.compile the model (needs a C++ compiler; pays off on GPU)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    strict: bool = False  # stop on any warning of the run doctor (common.Doctor), not only on a NaN loss
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to max_steps); for time-boxed runs and tests
 
     def validate(self):
         common.check(self.max_steps > 0, "max_steps", "must be > 0")
         common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
         common.check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} not divisible by n_head {self.n_head}")
+        common.check(self.gelu in ("tanh", "none"), "gelu", "'tanh' or 'none'")
         common.check(self.dtype in ("float32", "bfloat16", "float16", "float64"), "dtype",
                      "float32, bfloat16, float16 or float64")
         common.check(self.lr > 0, "lr", "must be > 0")
@@ -142,7 +146,8 @@ def train(cfg: PretrainConfig):
         floor = entropy_floor_nats_per_token(world_dir, tok)
 
     if cfg.init_from == "scratch":
-        model = GPT(GPTConfig(cfg.block_size, tok.n_vocab, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout))
+        model = GPT(GPTConfig(cfg.block_size, tok.n_vocab, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias,
+                              cfg.gelu))
     else:
         model = grow_vocab(load_gpt2(cfg.init_from, cfg.block_size), tok.n_vocab)  # + rows for the chat tokens
     model.to(d.device)
@@ -194,14 +199,16 @@ def train(cfg: PretrainConfig):
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
         row = dict(step=step, loss=loss_avg, lr=lr, tokens_per_s=tokens_per_step / dt)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        evaluate = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        if evaluate:
             row["val_loss"] = estimate_loss(raw_model, val_data, cfg, d)
             row["entropy_floor"], row["unigram_entropy"] = floor, unigram
-            save()
             if d.master:
                 tqdm.write(f"step {step}: train loss {loss_avg:.4f}, val loss {row['val_loss']:.4f} (unigram entropy "
                            f"{unigram:.4f}" + (f", entropy floor {floor:.4f})" if floor else ")"))
-        log.log(**row)
+        log.log(**row)  # the run doctor reads the row first: a NaN loss never reaches a checkpoint
+        if evaluate:
+            save()
         if stop.should_stop():
             break
     if step % cfg.eval_interval != 0 and step != cfg.max_steps:

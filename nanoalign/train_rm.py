@@ -60,6 +60,7 @@ class RMConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    strict: bool = False  # stop on any warning of the run doctor (common.Doctor), not only on a NaN loss
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
 
     def validate(self):

@@ -56,6 +56,7 @@ class SFTConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
+    strict: bool = False  # stop on any warning of the run doctor (common.Doctor), not only on a NaN loss
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to max_steps)
 
     def validate(self):
@@ -165,10 +166,12 @@ def train(cfg: SFTConfig):
         bar.update(1)
         bar.set_postfix(loss=f"{loss_all:.3f}")
         row = dict(step=step, loss=loss_all, lr=lr, tokens_per_s=n_tokens / dt)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        evaluate = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        if evaluate:
             row.update(evaluate_and_show())
+        log.log(**row)  # the run doctor reads the row first: a NaN loss never reaches a checkpoint
+        if evaluate:
             save()
-        log.log(**row)
         if stop.should_stop():
             break
     if step % cfg.eval_interval != 0 and step != cfg.max_steps:

@@ -13,5 +13,6 @@ def micro_run(tmp_path_factory):
     """out/<run> of `python -m nanoalign.pipeline --preset micro`: world, every stage's checkpoint, report."""
     from nanoalign import pipeline
     out = tmp_path_factory.mktemp("micro")
-    pipeline.main(["--preset", "micro", "--out", str(out), "--stages", "pretrain,sft,rm,ppo,dpo,grpo,rlvr"])
+    pipeline.main(["--preset", "micro", "--out", str(out), "--stages",
+                   "pretrain,sft,rm,ppo,dpo,grpo,rlvr,pretrain_small,distill"])
     return out

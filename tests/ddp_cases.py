@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from nanoalign import common, train_dpo, train_grpo, train_ppo, train_pretrain, train_rm, train_sft
+from nanoalign import common, train_distill, train_dpo, train_grpo, train_ppo, train_pretrain, train_rm, train_sft
 from nanoalign.rl import masked_whiten, rollout
 from nanoalign.tokenizer import load_tokenizer, render_chat
 
@@ -47,6 +47,9 @@ STAGES = {
         "--init", ck(r, "sft"), "--reward_model", ck(r, "rm"), "--prompts", w(r, "prompts_rl.jsonl"),
         "--iterations", "2", "--prompts_per_iter", "2", "--group_size", "2", "--minibatches", "1",
         "--ppo_epochs", "1", "--max_new_tokens", "10", "--save_interval", "100"]),
+    "distill": (train_distill, lambda r, world_size: [
+        "--teacher", ck(r, "ppo"), "--init", ck(r, "pretrain_small"), "--prompts", w(r, "prompts_rl.jsonl"),
+        "--max_steps", "2", "--batch_size", "2", "--max_new_tokens", "10", "--save_interval", "100"]),
 }
 SAME_GLOBAL_BATCH = ["pretrain", "sft", "rm", "dpo"]  # stages whose 2-rank run must equal one process
 

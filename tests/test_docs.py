@@ -28,6 +28,7 @@ SHRINK = {
                  "--overopt_iters", "2"],
     "world": ["--scale", "0.02"],
     "bench": ["--quick", "--only", "generate"],
+    "train_distill": ["--stop_at", "1", "--batch_size", "4", "--max_new_tokens", "16"],
 }
 SKIP = {"pytest"}  # the test command itself
 
@@ -58,7 +59,8 @@ COMMANDS = documented_commands()
 
 def test_the_docs_show_commands_for_every_stage():
     modules = {w[2].split(".")[1] for _, _, w in COMMANDS if w[0] == "python"}
-    assert {"pipeline", "train_sft", "train_rm", "train_ppo", "train_dpo", "train_grpo", "sample", "evaluate"} <= modules
+    stages = {"pipeline", "train_sft", "train_rm", "train_ppo", "train_dpo", "train_grpo", "sample", "evaluate"}
+    assert stages <= modules
 
 
 def documented_files():
@@ -76,7 +78,8 @@ def documented_files():
 def docs_run(micro_run, tmp_path_factory):
     """A private copy of the micro run, so documented commands may write anywhere in it; beside it (the commands'
     working directory) what the "your own" sections assume: a GPT-2 directory at models/gpt2 (a tiny random stand-in
-    in Hugging Face's layout), my_data/hh.jsonl (Anthropic HH), my_data/text.txt, and the files the docs show."""
+    in Hugging Face's layout), my_data/hh.jsonl (Anthropic HH), my_data/text.txt, data/human_prefs.jsonl (as the
+    labelling tool writes it), and the files the docs show."""
     run = tmp_path_factory.mktemp("docs") / "run"
     shutil.copytree(micro_run, run)
     import json
@@ -94,6 +97,8 @@ def docs_run(micro_run, tmp_path_factory):
     (run.parent / "my_data").mkdir()
     (run.parent / "my_data" / "hh.jsonl").write_text("".join(json.dumps(hh_record(i)) + "\n" for i in range(16)))
     (run.parent / "my_data" / "text.txt").write_text("Hello world. This is my own text.\n\nA second document.\n" * 400)
+    (run.parent / "data").mkdir()  # what `python -m nanoalign.label` writes (a copy of preference pairs here)
+    shutil.copy(run / "world" / "prefs_val.jsonl", run.parent / "data" / "human_prefs.jsonl")
     for name, text in documented_files().items():
         (run.parent / name).write_text(text)
     return run

@@ -192,12 +192,15 @@ def fake_hf_gpt2_state_dict(model: GPT, prefix="transformer.", with_buffers=True
 
 @pytest.mark.parametrize("prefix", ["transformer.", ""])
 def test_gpt2_import_maps_hf_names_and_transposes_conv1d(prefix):
-    src = tiny_model(seed=3, n_embd=64, n_head=4)
+    src = tiny_model(seed=3, n_embd=64, n_head=4, gelu="tanh")
     sd = fake_hf_gpt2_state_dict(src, prefix)
     assert sd[f"{prefix}h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D stores (in, out)
     dst = gpt2_from_state_dict(sd, n_head=4)
     x = torch.randint(1, V, (2, 9))
+    assert dst.config.gelu == "tanh"  # GPT-2's "gelu_new": its weights were trained with the tanh approximation
     assert torch.allclose(src(x), dst.eval()(x), atol=1e-6)
+    exact = tiny_model(seed=3, n_embd=64, n_head=4, gelu="none")
+    assert not torch.allclose(exact(x), src(x), atol=1e-6)  # the two GELUs differ: the setting is not a no-op
 
 
 def test_gpt2_bin_and_safetensors_give_identical_logits(tmp_path):

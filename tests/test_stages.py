@@ -99,8 +99,9 @@ def test_ppo_no_end_penalty_and_pluggable_reward_reach_the_rollout_scores(micro_
     from nanoalign import train_ppo
     out = tmp_path / "ppo"
     train_ppo.main(["--init", ckpt(micro_run, "sft"), "--reward", "fivereward:five", "--prompts",
-                    world(micro_run, "prompts_rl.jsonl"), "--iterations", "1", "--batch_size", "4", "--minibatches", "1",
-                    "--ppo_epochs", "1", "--max_new_tokens", "2", "--out_dir", str(out), "--log_gold", "false"])
+                    world(micro_run, "prompts_rl.jsonl"), "--iterations", "1", "--batch_size", "4",
+                    "--minibatches", "1", "--ppo_epochs", "1", "--max_new_tokens", "2", "--out_dir", str(out),
+                    "--log_gold", "false"])
     rows = common.read_metrics(out / "metrics.jsonl")
     assert rows[0]["end_rate"] == 0 and rows[0]["score"] == -1.0
 
@@ -153,8 +154,12 @@ STAGE_ARGS = {
                              world(r, "prompts_rl.jsonl"), "--iterations", "4", "--prompts_per_iter", "2",
                              "--group_size", "2", "--minibatches", "1", "--ppo_epochs", "1", "--max_new_tokens", "12",
                              "--save_interval", "100"],
+    "train_distill": lambda r: ["--teacher", ckpt(r, "ppo"), "--init", ckpt(r, "pretrain_small"), "--prompts",
+                                world(r, "prompts_rl.jsonl"), "--max_steps", "4", "--batch_size", "4",
+                                "--max_new_tokens", "12", "--save_interval", "100"],
 }
-STOP_AT = {"train_pretrain": 3, "train_sft": 3, "train_rm": 2, "train_dpo": 2, "train_ppo": 2, "train_grpo": 2}
+STOP_AT = {"train_pretrain": 3, "train_sft": 3, "train_rm": 2, "train_dpo": 2, "train_ppo": 2, "train_grpo": 2,
+           "train_distill": 2}
 
 
 @pytest.mark.parametrize("stage", list(STAGE_ARGS))
