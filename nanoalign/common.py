@@ -422,6 +422,14 @@ def file_hash(path: str) -> str:
     return h.hexdigest()[:12]
 
 
+def generator_states(generator: torch.Generator, d: Dist) -> list:
+    """Every rank's sampling generator state, for the checkpoint (a collective: all ranks call it)."""
+    states = [generator.get_state()] * d.world
+    if d.ddp:
+        dist.all_gather_object(states, generator.get_state())
+    return states
+
+
 def gather_rng_states(d: Dist) -> list:
     """Every rank's RNG state (rank 0 saves them all, so a resumed DDP run continues each rank's stream)."""
     states = [None] * d.world

@@ -112,7 +112,7 @@ def train(cfg: DistillConfig):
     if cfg.resume:
         ckpt = common.load_checkpoint(ckpt_path, stages=["distill"], tokenizer=tok.name)
         step = common.restore(ckpt, student, optimizer, d)
-        generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
+        generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])  # this rank's stream
     raw_student = student
     student = common.wrap_ddp(student, d)
     log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
@@ -122,9 +122,7 @@ def train(cfg: DistillConfig):
               f"parameters | {cfg.batch_size * d.world} prompts/step | {d.world} rank(s) on {d.device}")
 
     def save(**extra):
-        gens = [generator.get_state()] * d.world
-        if d.ddp:
-            torch.distributed.all_gather_object(gens, generator.get_state())
+        gens = common.generator_states(generator, d)
         common.save_stage(ckpt_path, d, "distill", raw_student, optimizer, step, cfg, tok, parent["tokenizer_path"],
                           cfg.init if cfg.init != "scratch" else None, generators=gens, teacher=cfg.teacher, **extra)
 

@@ -210,16 +210,14 @@ def train(cfg: PPOConfig):
         ckpt = common.load_checkpoint(ckpt_path, stages=["ppo"], tokenizer=tok.name)
         it = common.restore(ckpt, policy, optimizer, d)
         kl_coef = ckpt["kl_coef"]
-        generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
+        generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])  # this rank's stream
     raw_policy = policy
     policy = common.wrap_ddp(policy, d)
     log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
     stop = common.StopSignal()
 
     def save():
-        gens = [generator.get_state()] * d.world
-        if d.ddp:
-            torch.distributed.all_gather_object(gens, generator.get_state())
+        gens = common.generator_states(generator, d)
         common.save_stage(ckpt_path, d, "ppo", raw_policy, optimizer, it, cfg, tok, parent["tokenizer_path"], cfg.init,
                           kl_coef=kl_coef, generators=gens)
 
