@@ -262,3 +262,40 @@ def test_online_dpo_pairs_can_be_ranked_by_your_own_judge(micro_run, tmp_path, m
     assert pairs
     text = lambda ids: tok.decode([t for t in ids if t != tok.end_id])
     assert all(len(text(c)) > len(text(r)) for _, c, r in pairs)
+
+
+def test_same_seed_gives_identical_metrics_and_a_foreign_tokenizer_is_refused(micro_run, tmp_path):
+    from nanoalign import train_ppo, train_sft
+    timing = lambda row: {k: v for k, v in row.items() if not k.endswith("_s")}  # tokens_per_s, iter_s, ...
+    for module, stage in ((train_sft, "train_sft"), (train_ppo, "train_ppo")):
+        args = STAGE_ARGS[stage](micro_run)
+        for run in ("a", "b"):
+            module.main(args + ["--out_dir", str(tmp_path / stage / run)])
+        a, b = (common.read_metrics(tmp_path / stage / run / "metrics.jsonl") for run in ("a", "b"))
+        assert [timing(r) for r in a] == [timing(r) for r in b], stage
+    with pytest.raises(common.CheckpointError, match="trained with tokenizer"):
+        common.load_checkpoint(ckpt(micro_run, "sft"), tokenizer="bpe999-other")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(micro_run, tmp_path):
+    """SIGINT mid-run: the stage stops at the next step boundary, saves, exits 0; --resume continues to the end."""
+    import signal
+    import time
+    out = tmp_path / "sft"
+    argv = [sys.executable, "-m", "nanoalign.train_sft", "--init", ckpt(micro_run, "pretrain"), "--data",
+            world(micro_run, "sft_train.jsonl"), "--val_data", "", "--max_steps", "100000", "--batch_size", "2",
+            "--eval_interval", "1000000", "--out_dir", str(out)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    saved = common.load_checkpoint(str(out / "ckpt.pt"))
+    logged = common.read_metrics(metrics)[-1]["step"]
+    assert 3 <= saved["step"] == logged < 100000  # the checkpoint is the last logged step: nothing lost
+    from nanoalign import train_sft
+    train_sft.main(argv[3:] + ["--max_steps", str(saved["step"] + 2), "--resume", "true"])
+    assert common.load_checkpoint(str(out / "ckpt.pt"))["step"] == saved["step"] + 2
