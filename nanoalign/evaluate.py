@@ -80,12 +80,22 @@ def distinct_n(texts, n=2):
     return len(set(grams)) / max(1, len(grams))
 
 
+T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def mean_and_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval: Student's t for a few values (seeds), the normal 1.96
+    beyond 10 (prompts, problems)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return m, T_975.get(len(xs), 1.96) * sd / math.sqrt(len(xs))
+
+
 def win_rate(a, b):
-    """P(a > b) with ties as 1/2, and the half-width of its 95% normal-approximation CI over prompts."""
-    w = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
-    mean = sum(w) / len(w)
-    var = sum((x - mean) ** 2 for x in w) / max(1, len(w) - 1)
-    return mean, 1.96 * math.sqrt(var / len(w))
+    """P(a > b) with ties as 1/2, and the half-width of its 95% CI over prompts."""
+    return mean_and_ci([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)])
 
 
 def setup(cfg: EvalConfig) -> SimpleNamespace:
@@ -172,16 +182,12 @@ def verifiable_accuracy(cfg: EvalConfig, models: dict, problems_path: str) -> di
                  for t in response_texts(s.tok, tokens, mask, P)]
         return [float(check_answer(p["answer"], t)) for p, t in zip(problems, texts)]
 
-    def mean_ci(xs):
-        m = sum(xs) / len(xs)
-        return m, 1.96 * math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1) / len(xs))
-
     sft_correct, results = correct(s.sft, cfg.seed + 1), {}
     for name, path in models.items():
         model = common.build_model(common.load_checkpoint(path, tokenizer=s.tok.name), s.device).eval()
         c = correct(model, cfg.seed)
-        acc, ci = mean_ci(c)
-        diff, diff_ci = mean_ci([a - b for a, b in zip(c, sft_correct)])
+        acc, ci = mean_and_ci(c)
+        diff, diff_ci = mean_and_ci([a - b for a, b in zip(c, sft_correct)])
         results[name] = {"accuracy": acc, "accuracy_ci": ci, "vs_sft": diff, "vs_sft_ci": diff_ci, "n": len(c),
                          "sft_baseline": sum(sft_correct) / len(sft_correct)}  # the second SFT set's accuracy
     return results
@@ -313,16 +319,6 @@ def plot_run(run_dir):
     plt.close(fig)
 
 
-T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-
-
-def mean_and_ci(xs: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t confidence interval (few seeds: t, not 1.96)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    return m, T_975.get(len(xs), 1.96) * sd / math.sqrt(len(xs))
 
 
 def summarise_seeds(reports: list[dict], seeds: list[int]) -> dict:
