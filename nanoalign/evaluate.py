@@ -8,13 +8,24 @@ Evaluation: what did each stage do to the model's answers? For every checkpoint,
                      sum_t [log pi(y_t) - log pi_sft(y_t)]
                      (both at the sampling temperature)
     win_rate_vs_sft  P(gold(model answer) > gold(SFT answer)) on the same prompts, ties as 1/2, with a 95% CI; SFT's
-                     own win rate is computed against a second, independent set of SFT samples (so it is ~0.5)
+                     own win rate is computed against a second, independent set of SFT samples (so it is ~0.5).
+                     --judge rm: judged by the reward model instead (biased towards the models trained on it)
     end_rate         share of answers that emit <|end|> before the length limit
     mean_length      tokens per answer;  distinct_2: distinct bigrams / all bigrams over the answers (diversity)
+
+Without the world's judge (your own data) two more measures need no judge at all:
+
+    pref_accuracy    --pairs FILE: on held-out labelled pairs, the share where the model's implicit reward
+                     log pi(y)/pi_sft(y) ranks the chosen answer above the rejected one (Rafailov et al. 2023, the
+                     "reward accuracy" of DPO; SFT itself ties every pair: 0.5), and the reward model's accuracy on them
+    human win rate   --labels FILE: win rates from people's decisions in the labelling tool's files (nanoalign.label)
 
     python -m nanoalign.evaluate --models sft=out/tiny/sft/ckpt.pt,ppo=out/tiny/ppo/ckpt.pt \
         --sft out/tiny/sft/ckpt.pt --reward_model out/tiny/rm/ckpt.pt --out out/tiny/eval.json
     python -m nanoalign.evaluate --models rlvr=out/tiny/rlvr/ckpt.pt --verifiable data/world/verifiable_val.jsonl
+    python -m nanoalign.evaluate --models dpo=out/mine/dpo/ckpt.pt --sft out/mine/sft/ckpt.pt --judge rm \
+        --reward_model out/mine/rm/ckpt.pt --prompts my_data/test.jsonl --pairs my_data/test.jsonl
+    python -m nanoalign.evaluate --labels my_data/human_prefs.jsonl
 """
 
 import json
@@ -32,8 +43,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common
-from nanoalign.data import load_prompts, load_verifiable
-from nanoalign.generate import generate, response_logprobs
+from nanoalign.data import DataError, load_prefs, load_prompts, load_verifiable, pad, read_jsonl, tokenize_pref
+from nanoalign.generate import generate, logprobs_from_logits, response_logprobs
 from nanoalign.rl import load_reward_model, prompt_text, response_texts, score_last_token
 from nanoalign.tokenizer import load_tokenizer, render_chat
 
@@ -45,7 +56,7 @@ class EvalConfig:
     reward_model: str = "out/tiny/rm/ckpt.pt"  # reward model for rm_score ("" = skip)
     prompts: str = "data/world/prompts_eval.jsonl"  # held-out prompts
     n_prompts: int = 600  # how many of them
-    judge: str = "gold"  # "gold" (the built-in world's judge) or "none" (your own data: gold fields are null)
+    judge: str = "gold"  # who judges the win rate: "gold" (the world's judge), "rm" or "none" (gold fields are null)
     temperature: float = 1.0  # sampling temperature (KL is measured at the same temperature)
     max_new_tokens: int = 96  # at least twice the typical answer length, so "no end" means rambling
     batch_size: int = 100  # prompts per generation batch
@@ -53,6 +64,12 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda
     out: str = ""  # write the results as JSON here ("" = print only)
     verifiable: str = ""  # instead: held-out accuracy on these exact-answer problems (e.g. verifiable_val.jsonl)
+    pairs: str = ""  # held-out preference pairs (any schema load_prefs reads): pref_accuracy of each model and the RM
+    labels: str = ""  # a labelling tool file (or its .log.jsonl): win rates from people's A/B decisions
+
+    def validate(self):
+        common.check(self.judge in ("gold", "rm", "none"), "judge", f"must be gold, rm or none, got {self.judge!r}")
+        common.check(self.judge != "rm" or self.reward_model, "judge", "--judge rm needs --reward_model")
 
 
 def sample_answers(model, prompt_ids, cfg, tok, seed, device):
@@ -126,7 +143,9 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
     """models: name -> checkpoint path. Returns name -> metrics."""
     s = setup(cfg)
     # SFT answers are the baseline of every win rate; a second independent SFT sample set is SFT's own opponent
-    _, _, sft_gold, _ = answers_and_scores(s, s.sft, cfg.seed + 1)
+    _, _, sft_gold, sft_rm = answers_and_scores(s, s.sft, cfg.seed + 1)
+    pairs = [tokenize_pref(s.tok, ex, s.sft.config.block_size) for ex in load_prefs(cfg.pairs)] if cfg.pairs else []
+    sft_pair_logps = pair_logps(s.sft, pairs, s.tok.pad_id, s.device) if pairs else None
     results = {}
     for name, path in tqdm(models.items(), desc="evaluate", dynamic_ncols=True):
         ckpt = common.load_checkpoint(path, tokenizer=s.tok.name)
@@ -138,13 +157,74 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
         lengths = torch.cat([mask[:, P:].sum(1) for _, mask, P in batches]).float()
         r = {"gold_score": sum(gold) / len(gold) if gold else None,
              "rm_score": None if rm is None else rm.mean().item(), "kl_to_sft": kl, "win_rate_vs_sft": None,
-             "win_rate_ci": None, "end_rate": ended.mean().item(), "mean_length": lengths.mean().item(),
-             "distinct_2": distinct_n(texts)}
+             "win_rate_ci": None, "win_rate_judge": None, "end_rate": ended.mean().item(),
+             "mean_length": lengths.mean().item(), "distinct_2": distinct_n(texts)}
         if gold:
             r["win_rate_vs_sft"], r["win_rate_ci"] = win_rate(gold, sft_gold)
+            r["win_rate_judge"] = "gold"
+        elif cfg.judge == "rm":
+            r["win_rate_vs_sft"], r["win_rate_ci"] = win_rate(rm.tolist(), sft_rm.tolist())
+            r["win_rate_judge"] = "rm"
+        if pairs:  # the implicit reward's ranking; ties (SFT against itself: every pair) count 1/2
+            implicit = pair_logps(model, pairs, s.tok.pad_id, s.device) - sft_pair_logps
+            r["pref_accuracy"], r["pref_accuracy_ci"] = win_rate(implicit[:, 0].tolist(), implicit[:, 1].tolist())
         r["samples"] = [{"prompt": p, "response": t} for p, t in zip(s.prompts[:3], texts[:3])]
         results[name] = r
+    if pairs and s.rm is not None:
+        chosen, rejected = pair_rm_scores(s.rm, pairs, s.tok.pad_id, s.device).T.tolist()
+        acc, ci = win_rate(chosen, rejected)
+        results["reward_model"] = {"pref_accuracy": acc, "pref_accuracy_ci": ci, "pairs": len(pairs)}
     return results
+
+
+def pair_batches(pairs, pad_id, device, batch_size=50):
+    """Right-padded [prompt+chosen; prompt+rejected] batches of tokenized pairs: (tokens, mask, response starts)."""
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        seqs = [p + c for p, c, _ in chunk] + [p + r for p, _, r in chunk]
+        starts = torch.tensor([len(p) for p, _, _ in chunk] * 2, device=device)
+        yield pad(seqs, pad_id).to(device), pad([[1] * len(x) for x in seqs], 0).bool().to(device), starts
+
+
+@torch.no_grad()
+def pair_logps(model, pairs, pad_id, device) -> torch.Tensor:
+    """sum_t log pi(y_t | x, y_<t) over the chosen and the rejected response of each pair: (n, 2)."""
+    out = []
+    for tokens, mask, starts in pair_batches(pairs, pad_id, device):
+        logp = logprobs_from_logits(model(tokens, pad_mask=mask)[:, :-1], tokens[:, 1:])  # column t scores token t+1
+        target = torch.arange(1, tokens.shape[1], device=device)
+        sums = (logp * (mask[:, 1:] & (target >= starts[:, None]))).sum(1)
+        out.append(sums.view(2, -1).T)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def pair_rm_scores(rm, pairs, pad_id, device) -> torch.Tensor:
+    """The reward model's score of each pair's chosen and rejected response: (n, 2)."""
+    return torch.cat([score_last_token(rm[0], tokens, mask, rm[1]).view(2, -1).T
+                      for tokens, mask, _ in pair_batches(pairs, pad_id, device)])
+
+
+def human_win_rates(path: str) -> dict:
+    """Win rates from the labelling tool's decisions (<pairs file>.log.jsonl): for every two models compared, the
+    share of prompts where the rater preferred the first (label's --ckpt) to the second (--compare), ties and
+    identical answers 1/2, skips left out, with a 95% CI over prompts. Two samples of one model are no contest."""
+    log = path if path.endswith(".log.jsonl") else path + ".log.jsonl"
+    games = {}
+    for line, d in read_jsonl(log):
+        if not {"choice", "A", "B"} <= d.keys():
+            raise DataError(f"{log}:{line}: expected a labelling decision with choice, A and B, got keys {sorted(d)}")
+        if d["choice"] == "skip" or d["A"] == d["B"]:
+            continue
+        first, second = d.get("models") or sorted([d["A"], d["B"]])
+        winner = {"A": d["A"], "B": d["B"]}.get(d["choice"])  # None: a tie or identical answers
+        games.setdefault((first, second), []).append(0.5 if winner is None else float(winner == first))
+    out = {}
+    for (first, second), xs in games.items():
+        wr, ci = mean_and_ci(xs)
+        out[f"{first} vs {second}"] = {"model": first, "opponent": second, "win_rate": wr, "win_rate_ci": ci,
+                                       "n": len(xs)}
+    return out
 
 
 def best_of_n(cfg: EvalConfig, ns: list[int]) -> dict:
@@ -399,9 +479,13 @@ def plot_sweep(sweep: dict, out_dir: str):
 def main(argv=None):
     cfg = common.parse_config(EvalConfig, argv, __doc__)
     models = dict(pair.split("=", 1) for pair in cfg.models.split(",") if pair)
-    if not models:
-        raise SystemExit("--models: give at least one name=checkpoint pair")
-    results = verifiable_accuracy(cfg, models, cfg.verifiable) if cfg.verifiable else evaluate_models(cfg, models)
+    if not models and not cfg.labels:
+        raise SystemExit("--models: give at least one name=checkpoint pair (or --labels FILE)")
+    results = {}
+    if models:
+        results = verifiable_accuracy(cfg, models, cfg.verifiable) if cfg.verifiable else evaluate_models(cfg, models)
+    if cfg.labels:
+        results["human_labels"] = human_win_rates(cfg.labels)
     text = json.dumps(results, indent=1)
     if cfg.out:
         with open(cfg.out, "w") as f:

@@ -119,7 +119,7 @@ def main(argv=None):
                 break
             now = time.time()
             append(log_path, {"prompt_index": k, "choice": choice, "A": sources[order[0]], "B": sources[order[1]],
-                              "rater": rater, "time": now})
+                              "models": sources, "rater": rater, "time": now})
             if choice in ("A", "B"):
                 win = 0 if choice == "A" else 1
                 append(cfg.out, {"prompt": prompts[k], "chosen": shown[win], "rejected": shown[1 - win],

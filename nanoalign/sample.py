@@ -5,9 +5,9 @@ pretrained one continues plain text.
     python -m nanoalign.sample --ckpt out/tiny/sft/ckpt.pt --prompt "Tell me a story about a cat in the park."
     python -m nanoalign.sample --ckpt out/tiny/pretrain/ckpt.pt --prompt "Once upon a time" --n 3
     python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --compare out/tiny/sft/ckpt.pt     # side by side
-    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --interactive                      # multi-turn chat
+    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --chat                      # multi-turn chat
 
-In --interactive mode each line you type is a user turn; the conversation so far (yours and the model's turns, in the
+In --chat mode each line you type is a user turn; the conversation so far (yours and the model's turns, in the
 chat template) is the prompt of the next answer, cut from the left to fit the context. /reset starts over; an empty
 line or end of input quits. With --compare both models answer every turn, each continuing its own conversation.
 """
@@ -31,8 +31,8 @@ class SampleConfig:
     ckpt: str = "out/tiny/sft/ckpt.pt"  # any checkpoint written by a stage (or a GPT-2 directory)
     prompt: str = "Tell me a story about a cat in the park."  # the user's message (or plain text for a base model)
     compare: str = ""  # a second checkpoint (same tokenizer): its answers are printed beside the first's
-    interactive: bool = False  # multi-turn chat from standard input (see above)
-    chat: str = "auto"  # "auto" (chat template unless the checkpoint is a pretrained base model), "yes" or "no"
+    chat: bool = False  # multi-turn chat from standard input (see above)
+    template: str = "auto"  # "auto" (chat template unless the checkpoint is a pretrained base model), "yes" or "no"
     n: int = 1  # how many samples per model
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # keep the k most likely tokens (0 = off)
@@ -40,6 +40,9 @@ class SampleConfig:
     max_new_tokens: int = 96  # length limit of each answer
     seed: int = 0  # sampling seed
     device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self):
+        common.check(self.template in ("auto", "yes", "no"), "template", f"auto, yes or no, not {self.template!r}")
 
 
 def load(path: str, device: str):
@@ -86,11 +89,11 @@ def main(argv=None):
         models[name if name not in models else name + "'"] = load(path, device)  # out/x/ppo/ckpt.pt -> "ppo"
     names = {tok.name for _, tok, _ in models.values()}
     common.check(len(names) == 1, "compare", f"the two checkpoints use different tokenizers {sorted(names)}")
-    if cfg.interactive:
+    if cfg.chat:
         return chat_loop(models, cfg, device)
     outs = {}
     for name, (ckpt, tok, model) in models.items():
-        chat = cfg.chat == "yes" or (cfg.chat == "auto" and ckpt.get("stage") != "pretrain")
+        chat = cfg.template == "yes" or (cfg.template == "auto" and ckpt.get("stage") != "pretrain")
         ids = render_chat(tok, [{"role": "user", "content": cfg.prompt}], add_generation_prompt=True)[0] if chat \
             else tok.encode(cfg.prompt)
         outs[name] = answers(model, tok, ids, tok.end_id if chat else tok.eot_id, cfg, device)

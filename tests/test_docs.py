@@ -99,6 +99,9 @@ def docs_run(micro_run, tmp_path_factory):
     (run.parent / "my_data" / "text.txt").write_text("Hello world. This is my own text.\n\nA second document.\n" * 400)
     (run.parent / "data").mkdir()  # what `python -m nanoalign.label` writes (a copy of preference pairs here)
     shutil.copy(run / "world" / "prefs_val.jsonl", run.parent / "data" / "human_prefs.jsonl")
+    decisions = [{"prompt_index": i, "choice": c, "A": "ppo.pt", "B": "sft.pt", "models": ["ppo.pt", "sft.pt"]}
+                 for i, c in enumerate(["A", "B", "tie", "skip"])]  # and the decisions' log beside it
+    (run.parent / "data" / "human_prefs.jsonl.log.jsonl").write_text("".join(json.dumps(d) + "\n" for d in decisions))
     for name, text in documented_files().items():
         (run.parent / name).write_text(text)
     return run

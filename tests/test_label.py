@@ -1,12 +1,15 @@
 """The labelling tool, driven by scripted keys: invalid keys are asked again, every A/B decision lands in a preference
-file that the reward model trains on, ties and skips are logged, and an interrupt loses nothing and resumes."""
+file that the reward model trains on, ties and skips are logged, and an interrupt loses nothing and resumes. Its log
+gives human win rates (evaluate --labels), counted by model, never by screen position."""
 
 import io
 import json
 import re
 
-from nanoalign import common, label, train_rm
-from nanoalign.data import load_prefs
+import pytest
+
+from nanoalign import common, evaluate, label, train_rm
+from nanoalign.data import DataError, load_prefs
 
 
 class Interrupting(io.StringIO):
@@ -50,3 +53,33 @@ def test_scripted_session_writes_preferences_and_resumes_after_an_interrupt(micr
     train_rm.main(["--init", str(micro_run / "sft" / "ckpt.pt"), "--data", str(out), "--val_data", "",
                    "--norm_data", "", "--batch_size", "2", "--epochs", "1", "--out_dir", str(tmp_path / "rm")])
     assert common.load_checkpoint(str(tmp_path / "rm" / "ckpt.pt"), stages=["rm"])
+
+
+def test_human_win_rates_count_models_not_positions_with_ties_half_and_skips_out(tmp_path):
+    ppo, sft = "out/ppo.pt", "out/sft.pt"
+    rows = [("A", ppo, sft), ("A", sft, ppo), ("B", sft, ppo), ("tie", ppo, sft), ("skip", sft, ppo),
+            ("identical", sft, ppo), ("A", sft, sft)]  # the last: two samples of one model, no contest
+    log = tmp_path / "prefs.jsonl.log.jsonl"
+    log.write_text("".join(json.dumps({"prompt_index": i, "choice": c, "A": a, "B": b, "models": [ppo, sft]}) + "\n"
+                           for i, (c, a, b) in enumerate(rows)))
+    out = evaluate.main(["--labels", str(tmp_path / "prefs.jsonl")])["human_labels"]
+    r = out[f"{ppo} vs {sft}"]
+    assert r["model"] == ppo and r["n"] == 5 and abs(r["win_rate"] - (1 + 0 + 1 + 0.5 + 0.5) / 5) < 1e-12
+    assert len(out) == 1 and 0 < r["win_rate_ci"] < 1
+    log.write_text(json.dumps({"prompt_index": 0, "A": ppo}) + "\n")
+    with pytest.raises(DataError, match=r"prefs.jsonl.log.jsonl:1: expected a labelling decision"):
+        evaluate.human_win_rates(str(log))
+
+
+def test_a_compare_session_logs_both_models_and_evaluate_reads_its_win_rate(micro_run, tmp_path, monkeypatch):
+    out = tmp_path / "prefs.jsonl"
+    ppo, sft = str(micro_run / "ppo" / "ckpt.pt"), str(micro_run / "sft" / "ckpt.pt")
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\nb\ns\nt\n"))
+    label.main(["--ckpt", ppo, "--compare", sft, "--prompts", str(micro_run / "world" / "prompts_rl.jsonl"),
+                "--out", str(out), "--max_new_tokens", "12", "--n", "4"])
+    log = [json.loads(line) for line in open(f"{out}.log.jsonl")]
+    assert all(r["models"] == [ppo, sft] and {r["A"], r["B"]} == {ppo, sft} for r in log)
+    wins = [{"A": r["A"], "B": r["B"]}.get(r["choice"]) for r in log if r["choice"] != "skip"]
+    r = evaluate.human_win_rates(str(out))[f"{ppo} vs {sft}"]
+    expected = sum(1.0 if w == ppo else 0.5 if w is None else 0.0 for w in wins) / 3
+    assert r["n"] == 3 and abs(r["win_rate"] - expected) < 1e-12

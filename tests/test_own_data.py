@@ -60,3 +60,18 @@ def test_own_gpt2_and_hh_data_run_sft_rm_dpo_ppo_and_a_judgeless_evaluation(tmp_
         r = results[name]
         assert r["gold_score"] is None and r["win_rate_vs_sft"] is None  # no judge: null, never 0
         assert isinstance(r["rm_score"], float) and isinstance(r["kl_to_sft"], float)
+
+    # without a judge: the RM judges the win rate, and held-out pairs give each model's preference accuracy
+    results = evaluate.main(["--models", f"sft={run['sft'] / 'ckpt.pt'},dpo={run['dpo'] / 'ckpt.pt'}", "--sft",
+                             str(run["sft"] / "ckpt.pt"), "--reward_model", str(run["rm"] / "ckpt.pt"), "--judge",
+                             "rm", "--prompts", str(hh), "--pairs", str(hh), "--n_prompts", "8",
+                             "--max_new_tokens", "8"])
+    assert results["dpo"]["gold_score"] is None and results["dpo"]["win_rate_judge"] == "rm"
+    assert 0 <= results["dpo"]["win_rate_vs_sft"] <= 1 and results["dpo"]["win_rate_ci"] > 0
+    assert results["sft"]["pref_accuracy"] == 0.5  # SFT's implicit reward against itself is 0: every pair ties
+    last_val = lambda stage: [r for r in common.read_metrics(str(run[stage] / "metrics.jsonl"))
+                              if "val_accuracy" in r][-1]
+    dpo_val = last_val("dpo")["val_accuracy"]
+    assert abs(results["dpo"]["pref_accuracy"] - dpo_val) < 1e-6  # the implicit reward DPO itself validates with
+    rm_val = last_val("rm")["val_accuracy"]
+    assert abs(results["reward_model"]["pref_accuracy"] - rm_val) < 1e-6 and results["reward_model"]["pairs"] == 24

@@ -218,7 +218,7 @@ def test_sample_side_by_side_and_multi_turn_chat_keeps_each_models_conversation(
     monkeypatch.setattr(sample, "answers", lambda model, tok, ids, *a: prompts.append(tok.decode(ids)) or
                         real(model, tok, ids, *a))
     monkeypatch.setattr("sys.stdin", io.StringIO("Tell me a story about a cat.\nWho is in it?\n/reset\nHi.\n\n"))
-    said = sample.main(["--ckpt", ckpt(micro_run, "ppo"), "--compare", ckpt(micro_run, "sft"), "--interactive",
+    said = sample.main(["--ckpt", ckpt(micro_run, "ppo"), "--compare", ckpt(micro_run, "sft"), "--chat",
                         "--max_new_tokens", "8"])
     assert [len(v) for v in said.values()] == [3, 3]
     # turn 2 of the first model sees turn 1 and its own first answer; after /reset the story is forgotten
