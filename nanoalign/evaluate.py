@@ -24,7 +24,7 @@ Without the world's judge (your own data) two more measures need no judge at all
         --sft out/tiny/sft/ckpt.pt --reward_model out/tiny/rm/ckpt.pt --out out/tiny/eval.json
     python -m nanoalign.evaluate --models rlvr=out/tiny/rlvr/ckpt.pt --verifiable data/world/verifiable_val.jsonl
     python -m nanoalign.evaluate --models dpo=out/mine/dpo/ckpt.pt --sft out/mine/sft/ckpt.pt --judge rm \
-        --reward_model out/mine/rm/ckpt.pt --prompts my_data/test.jsonl --pairs my_data/test.jsonl
+        --reward_model out/mine/rm/ckpt.pt --prompts my_data/hh_test.jsonl --pairs my_data/hh_test.jsonl
     python -m nanoalign.evaluate --labels my_data/human_prefs.jsonl
 """
 
@@ -144,7 +144,8 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
     s = setup(cfg)
     # SFT answers are the baseline of every win rate; a second independent SFT sample set is SFT's own opponent
     _, _, sft_gold, sft_rm = answers_and_scores(s, s.sft, cfg.seed + 1)
-    pairs = [tokenize_pref(s.tok, ex, s.sft.config.block_size) for ex in load_prefs(cfg.pairs)] if cfg.pairs else []
+    records = load_prefs(cfg.pairs) if cfg.pairs else []
+    pairs = [tokenize_pref(s.tok, ex, s.sft.config.block_size) for ex in records]
     sft_pair_logps = pair_logps(s.sft, pairs, s.tok.pad_id, s.device) if pairs else None
     results = {}
     for name, path in tqdm(models.items(), desc="evaluate", dynamic_ncols=True):
@@ -174,7 +175,34 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
         chosen, rejected = pair_rm_scores(s.rm, pairs, s.tok.pad_id, s.device).T.tolist()
         acc, ci = win_rate(chosen, rejected)
         results["reward_model"] = {"pref_accuracy": acc, "pref_accuracy_ci": ci, "pairs": len(pairs)}
+        if s.judge is not None and all("gold_chosen" in r for r in records):
+            results["reward_model"]["gold_agreement_by_kind"] = agreement_by_kind(records, chosen, rejected)
     return results
+
+
+def agreement_by_kind(records, rm_chosen, rm_rejected) -> dict:
+    """The reward model's agreement with the gold judge on the built-in world's pairs, split by what separates the two
+    answers: a question answered right in one and wrong in the other, a story request whose answers mention
+    different numbers of the requested names and places (both need the answer checked against the prompt), and the
+    rest (sentiment, ending, length, repetition: visible in the answer alone). Pairs the judge ties are left out."""
+    from nanoalign.world import WORD_RE, check_answer, requested, solve
+    kinds = {}
+    for rec, c, r in zip(records, rm_chosen, rm_rejected):
+        margin = rec["gold_chosen"] - rec["gold_rejected"]
+        if margin == 0:
+            continue
+        prompt = prompt_text(rec["prompt"])
+        answer = solve(prompt)
+        if answer is not None:
+            kind = "answer" if check_answer(answer, rec["chosen"]) != check_answer(answer, rec["rejected"]) else \
+                "question_other"
+        else:
+            asked = requested(prompt)
+            mentioned = [len(asked & set(WORD_RE.findall(rec[k].lower()))) for k in ("chosen", "rejected")]
+            kind = "topic" if mentioned[0] != mentioned[1] else "story_other"
+        kinds.setdefault(kind, []).append(((c > r) == (margin > 0), abs(margin)))
+    return {k: {"n": len(v), "gold_agreement": sum(a for a, _ in v) / len(v),
+                "mean_abs_margin": sum(m for _, m in v) / len(v)} for k, v in sorted(kinds.items())}
 
 
 def pair_batches(pairs, pad_id, device, batch_size=50):

@@ -78,8 +78,8 @@ def documented_files():
 def docs_run(micro_run, tmp_path_factory):
     """A private copy of the micro run, so documented commands may write anywhere in it; beside it (the commands'
     working directory) what the "your own" sections assume: a GPT-2 directory at models/gpt2 (a tiny random stand-in
-    in Hugging Face's layout), my_data/hh.jsonl (Anthropic HH), my_data/text.txt, data/human_prefs.jsonl (as the
-    labelling tool writes it), and the files the docs show."""
+    in Hugging Face's layout), my_data/hh.jsonl and hh_test.jsonl (Anthropic HH), my_data/text.txt,
+    data/human_prefs.jsonl (as the labelling tool writes it, with its log), and the files the docs show."""
     run = tmp_path_factory.mktemp("docs") / "run"
     shutil.copytree(micro_run, run)
     import json
@@ -96,6 +96,8 @@ def docs_run(micro_run, tmp_path_factory):
     (gpt2 / "config.json").write_text(json.dumps({"n_head": 2}))
     (run.parent / "my_data").mkdir()
     (run.parent / "my_data" / "hh.jsonl").write_text("".join(json.dumps(hh_record(i)) + "\n" for i in range(16)))
+    (run.parent / "my_data" / "hh_test.jsonl").write_text("".join(json.dumps(hh_record(i)) + "\n"
+                                                                 for i in range(16, 24)))
     (run.parent / "my_data" / "text.txt").write_text("Hello world. This is my own text.\n\nA second document.\n" * 400)
     (run.parent / "data").mkdir()  # what `python -m nanoalign.label` writes (a copy of preference pairs here)
     shutil.copy(run / "world" / "prefs_val.jsonl", run.parent / "data" / "human_prefs.jsonl")

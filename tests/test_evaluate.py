@@ -1,0 +1,52 @@
+"""The evaluation's reward-model diagnosis on the built-in world: agreement with the gold judge split by what separates
+the two answers of a pair. The split must classify hand-made pairs as intended, cover every untied pair once, and
+agree with the RM stage's own gold agreement, computed by other code."""
+
+import json
+
+import pytest
+
+from nanoalign import common, evaluate, train_rm
+from nanoalign.data import load_prefs, tokenize_pref
+from nanoalign.rl import load_reward_model
+from nanoalign.tokenizer import load_tokenizer
+
+
+def pair(prompt, chosen, rejected, gc, gr):
+    return {"prompt": [{"role": "user", "content": prompt}], "chosen": chosen, "rejected": rejected,
+            "gold_chosen": gc, "gold_rejected": gr}
+
+
+def test_pair_kinds_on_hand_made_pairs():
+    q = "Ben has two balls and gives one to Jack. How many balls does Ben have now?"
+    story = "Write a short story about Tim on the farm."
+    records = [pair(q, "Ben has one ball.", "Ben has seven balls.", 1.2, 0.3),  # right vs wrong: answer
+               pair(q, "Ben has one ball.", "Ben has one ball. Ben was sad.", 1.2, 0.6),  # both right
+               pair(story, "A bird named Tim lived on the farm. The end.", "A cat named Emma lived on the farm.", 1.0,
+                    0.2),  # one leaves out the requested hero: topic
+               pair(story, "Tim lived on the farm. Tim was happy.", "Tim lived on the farm. Tim was sad.", 0.9, 0.1),
+               pair(story, "Tim was on the farm.", "Tim lived on the farm.", 0.5, 0.5)]  # a gold tie: left out
+    out = evaluate.agreement_by_kind(records, [1.0, 0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0, 1.0])
+    assert {k: (v["n"], v["gold_agreement"]) for k, v in out.items()} == {
+        "answer": (1, 1.0), "question_other": (1, 0.0), "topic": (1, 0.0), "story_other": (1, 1.0)}
+    assert out["answer"]["mean_abs_margin"] == pytest.approx(0.9)
+
+
+def test_kinds_cover_the_pairs_and_match_the_rm_stages_gold_agreement(micro_run, tmp_path):
+    val = str(micro_run / "world" / "prefs_val.jsonl")
+    rm_path = str(micro_run / "rm" / "ckpt.pt")
+    results = evaluate.main(["--models", f"sft={micro_run / 'sft' / 'ckpt.pt'}", "--sft",
+                             str(micro_run / "sft" / "ckpt.pt"), "--reward_model", rm_path, "--pairs", val,
+                             "--prompts", str(micro_run / "world" / "prompts_eval.jsonl"), "--n_prompts", "4",
+                             "--max_new_tokens", "8"])
+    kinds = results["reward_model"]["gold_agreement_by_kind"]
+    untied = [r for r in load_prefs(val) if r["gold_chosen"] != r["gold_rejected"]]
+    assert sum(k["n"] for k in kinds.values()) == len(untied)
+    tok = load_tokenizer(common.load_checkpoint(rm_path)["tokenizer_path"])
+    model, _ = load_reward_model(rm_path)
+    pairs = [tokenize_pref(tok, r, model.config.block_size) for r in load_prefs(val)]
+    gold = [(r["gold_chosen"], r["gold_rejected"]) for r in load_prefs(val)]
+    stage = train_rm.evaluate_pairs(model, pairs, gold, tok.pad_id, "cpu")
+    overall = sum(k["n"] * k["gold_agreement"] for k in kinds.values()) / len(untied)
+    assert overall == pytest.approx(stage["gold_agreement"], abs=1e-9)
+    json.dumps(results)  # the whole result stays JSON
