@@ -388,7 +388,11 @@ def machine_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
     lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
-    return next((s.split(":", 1)[1].strip() for s in lines if s.startswith("model name")), platform.machine())
+    name = next((s.split(":", 1)[1].strip() for s in lines if s.startswith("model name")), platform.machine())
+    flags = set(next((s.split(":", 1)[1].split() for s in lines if s.startswith("flags")), []))
+    # "AMD EPYC" names several generations; native bf16 matmuls (the bf16 rows' fate) come with these flags
+    native = [label for flag, label in [("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")] if flag in flags]
+    return name + (f" ({', '.join(native)})" if native else "")
 
 
 def run(args) -> dict:

@@ -16,8 +16,9 @@ Evaluation: what did each stage do to the model's answers? For every checkpoint,
 Without the world's judge (your own data) two more measures need no judge at all:
 
     pref_accuracy    --pairs FILE: on held-out labelled pairs, the share where the model's implicit reward
-                     log pi(y)/pi_sft(y) ranks the chosen answer above the rejected one (Rafailov et al. 2023, the
-                     "reward accuracy" of DPO; SFT itself ties every pair: 0.5), and the reward model's accuracy on them
+                     log pi(y)/pi_sft(y) ranks the chosen answer above the rejected one (DPO's implicit reward,
+                     Rafailov et al. 2023, eq. 5; TRL logs it as rewards/accuracies; SFT itself ties every pair: 0.5),
+                     and the reward model's accuracy on the same pairs
     human win rate   --labels FILE: win rates from people's decisions in the labelling tool's files (nanoalign.label)
 
     python -m nanoalign.evaluate --models sft=out/tiny/sft/ckpt.pt,ppo=out/tiny/ppo/ckpt.pt \
