@@ -384,17 +384,6 @@ def machine_peaks(c: BenchConfig, device: str) -> dict:
     return peaks
 
 
-def machine_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
-    name = next((s.split(":", 1)[1].strip() for s in lines if s.startswith("model name")), platform.machine())
-    flags = set(next((s.split(":", 1)[1].split() for s in lines if s.startswith("flags")), []))
-    # "AMD EPYC" names several generations; native bf16 matmuls (the bf16 rows' fate) come with these flags
-    native = [label for flag, label in [("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")] if flag in flags]
-    return name + (f" ({', '.join(native)})" if native else "")
-
-
 def run(args) -> dict:
     c = replace(BenchConfig(), **{**(PEERS if args.peers else {}), **(QUICK if args.quick else {})})  # quick wins
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
@@ -410,7 +399,7 @@ def run(args) -> dict:
         peaks["bf16_gflops"] if cuda else peaks["fp32_gflops"]
     for row in b.rows:
         row["mfu"] = row["gflops"] / peak if row["gflops"] else None
-    return {"command": args.command, "machine": machine_name(device), "device": device,
+    return {"command": args.command, "machine": common.machine_name(device), "device": device,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "preset": "quick" if args.quick else "peers" if args.peers else "tiny", "sizes": asdict(c),
             "peak": peaks, "mfu_peak_gflops": peak, "probe_gflops_before_after": [probe_before, probe()],
@@ -425,7 +414,7 @@ def fmt(x) -> str:
 def print_table(r: dict):
     p, (before, after), peers = r["peak"], r["probe_gflops_before_after"], any("trl" in x for x in r["rows"])
     nominal = f", nominal bf16 {p['nominal_bf16_tflops']} TFLOP/s" if p.get("nominal_bf16_tflops") else ""
-    print(f"{r['command']} | {r['machine']}, {r['device']}, {r['threads']} threads | torch {r['torch']} | "
+    print(f"{r['command']} | {r['machine']} ({r['device']}) | torch {r['torch']} | "
           f"{r['wall_s']:.0f} s\nprobe before/after {before:.0f} / {after:.0f} GFLOP/s | matmul peak fp32 "
           f"{p['fp32_gflops']:.0f}, bf16 {p['bf16_gflops']:.1f} GFLOP/s{nominal} | MFU against "
           f"{r['mfu_peak_gflops']:,.0f} GFLOP/s | load average {(r['load_average_after'] or [0])[0]:.1f}")

@@ -260,10 +260,16 @@ def run_info(cfg) -> dict:
             "torch": torch.__version__, "git_commit": commit, "machine": machine_name(), "time": time.time()}
 
 
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+def machine_name(device: str = "") -> str:
+    """The GPU's name, or the CPU's model with its threads: figures differ between CPUs (rounding, native bf16)."""
+    if device.startswith("cuda") or (not device and torch.cuda.is_available()):
+        return torch.cuda.get_device_name(device or 0)
+    lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    name = next((s.split(":", 1)[1].strip() for s in lines if s.startswith("model name")), f"{platform.machine()} CPU")
+    flags = set(next((s.split(":", 1)[1].split() for s in lines if s.startswith("flags")), []))
+    # "AMD EPYC" names several CPU generations; whether bf16 can be fast here depends on these flags
+    native = [label for flag, label in [("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")] if flag in flags]
+    return name + (f" ({', '.join(native)})" if native else "") + f", {torch.get_num_threads()} threads"
 
 
 def progress(total: int, initial: int = 0, desc: str = "", disable: bool = False):

@@ -17,8 +17,8 @@ Without the world's judge (your own data) two more measures need no judge at all
 
     pref_accuracy    --pairs FILE: on held-out labelled pairs, the share where the model's implicit reward
                      log pi(y)/pi_sft(y) ranks the chosen answer above the rejected one (DPO's implicit reward,
-                     Rafailov et al. 2023, eq. 5; TRL logs it as rewards/accuracies; SFT itself ties every pair: 0.5),
-                     and the reward model's accuracy on the same pairs
+                     Rafailov et al. 2023, eq. 5), ties as 1/2 (TRL's rewards/accuracies and the training stages count
+                     them wrong; here SFT itself ties every pair: 0.5), and the reward model's accuracy on them
     human win rate   --labels FILE: win rates from people's decisions in the labelling tool's files (nanoalign.label)
 
     python -m nanoalign.evaluate --models sft=out/tiny/sft/ckpt.pt,ppo=out/tiny/ppo/ckpt.pt \
@@ -185,7 +185,8 @@ def agreement_by_kind(records, rm_chosen, rm_rejected) -> dict:
     """The reward model's agreement with the gold judge on the built-in world's pairs, split by what separates the two
     answers: a question answered right in one and wrong in the other, a story request whose answers mention
     different numbers of the requested names and places (both need the answer checked against the prompt), and the
-    rest (sentiment, ending, length, repetition: visible in the answer alone). Pairs the judge ties are left out."""
+    rest (sentiment, ending, length, repetition: visible in the answer alone). Pairs the judge ties are left out; an
+    RM tie counts as preferring the rejected answer, as in the RM stage's own gold agreement."""
     from nanoalign.world import WORD_RE, check_answer, requested, solve
     kinds = {}
     for rec, c, r in zip(records, rm_chosen, rm_rejected):
@@ -194,10 +195,11 @@ def agreement_by_kind(records, rm_chosen, rm_rejected) -> dict:
             continue
         prompt = prompt_text(rec["prompt"])
         answer = solve(prompt)
-        if answer is not None:
-            kind = "answer" if check_answer(answer, rec["chosen"]) != check_answer(answer, rec["rejected"]) else \
-                "question_other"
-        else:
+        if answer is not None:  # the judge's topic term: right first sentence, else the answer word somewhere
+            credit = [(check_answer(answer, rec[k]), answer in WORD_RE.findall(rec[k].lower()))
+                      for k in ("chosen", "rejected")]
+            kind = "answer" if credit[0] != credit[1] else "question_other"
+        else:  # the judge's topic term: how many of the requested names, animals and places are mentioned
             asked = requested(prompt)
             mentioned = [len(asked & set(WORD_RE.findall(rec[k].lower()))) for k in ("chosen", "rejected")]
             kind = "topic" if mentioned[0] != mentioned[1] else "story_other"
@@ -241,11 +243,13 @@ def human_win_rates(path: str) -> dict:
     log = path if path.endswith(".log.jsonl") else path + ".log.jsonl"
     games = {}
     for line, d in read_jsonl(log):
-        if not {"choice", "A", "B"} <= d.keys():
-            raise DataError(f"{log}:{line}: expected a labelling decision with choice, A and B, got keys {sorted(d)}")
+        models = d.get("models") or sorted([d.get("A"), d.get("B")], key=str)
+        if not {"choice", "A", "B"} <= d.keys() or len(models) != 2 or set(models) != {d["A"], d["B"]}:
+            raise DataError(f"{log}:{line}: expected a labelling decision with choice, A, B (and models: [A, B] in "
+                            f"some order), got {d}")
         if d["choice"] == "skip" or d["A"] == d["B"]:
             continue
-        first, second = d.get("models") or sorted([d["A"], d["B"]])
+        first, second = models if (models[1], models[0]) not in games else models[::-1]  # sessions with swapped roles
         winner = {"A": d["A"], "B": d["B"]}.get(d["choice"])  # None: a tie or identical answers
         games.setdefault((first, second), []).append(0.5 if winner is None else float(winner == first))
     out = {}

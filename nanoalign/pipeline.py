@@ -46,7 +46,7 @@ PRESETS = {
     },
     "tiny": {"world": {}, "pretrain": {}, "sft": {}, "rm": {}, "ppo": {}, "dpo": {}, "grpo": {}, "evaluate": {},
              "pretrain_small": {"n_layer": 2, "n_head": 2, "n_embd": 64}, "distill": {}},
-    "gpu": {  # one GPU: a GPT-2-small-sized model (124M) on the same world; bf16 autocast
+    "gpu": {  # one GPU: GPT-2-small's shape (87M parameters at this vocabulary) on the same world; bf16 autocast
         "world": {"scale": 4.0},
         "pretrain": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 256, "batch_size": 64, "max_steps": 3000,
                      "lr": 6e-4, "warmup": 200, "dtype": "bfloat16", "eval_interval": 500, "vocab_size": 2048},

@@ -5,7 +5,7 @@ pretrained one continues plain text.
     python -m nanoalign.sample --ckpt out/tiny/sft/ckpt.pt --prompt "Tell me a story about a cat in the park."
     python -m nanoalign.sample --ckpt out/tiny/pretrain/ckpt.pt --prompt "Once upon a time" --n 3
     python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --compare out/tiny/sft/ckpt.pt     # side by side
-    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --chat                      # multi-turn chat
+    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --chat                               # multi-turn chat
 
 In --chat mode each line you type is a user turn; the conversation so far (yours and the model's turns, in the
 chat template) is the prompt of the next answer, cut from the left to fit the context. /reset starts over; an empty

@@ -5,8 +5,9 @@ agree with the RM stage's own gold agreement, computed by other code."""
 import json
 
 import pytest
+import torch
 
-from nanoalign import common, evaluate, train_rm
+from nanoalign import common, evaluate, train_dpo, train_rm
 from nanoalign.data import load_prefs, tokenize_pref
 from nanoalign.rl import load_reward_model
 from nanoalign.tokenizer import load_tokenizer
@@ -25,11 +26,28 @@ def test_pair_kinds_on_hand_made_pairs():
                pair(story, "A bird named Tim lived on the farm. The end.", "A cat named Emma lived on the farm.", 1.0,
                     0.2),  # one leaves out the requested hero: topic
                pair(story, "Tim lived on the farm. Tim was happy.", "Tim lived on the farm. Tim was sad.", 0.9, 0.1),
-               pair(story, "Tim was on the farm.", "Tim lived on the farm.", 0.5, 0.5)]  # a gold tie: left out
-    out = evaluate.agreement_by_kind(records, [1.0, 0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0, 1.0])
+               pair(story, "Tim was on the farm.", "Tim lived on the farm.", 0.5, 0.5),  # a gold tie: left out
+               # the annotator chose the worse answer (negative gold margin); the RM prefers the rejected one: agrees
+               pair(q, "Ben has seven balls.", "Ben has one ball.", 0.3, 1.2),
+               # wrong first sentence, but the answer word later: the judge's partial credit, so correctness differs
+               pair(q, "Ben has seven balls. Two take away one is one.", "Ben has seven balls.", 0.5, 0.3)]
+    out = evaluate.agreement_by_kind(records, [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
     assert {k: (v["n"], v["gold_agreement"]) for k, v in out.items()} == {
-        "answer": (1, 1.0), "question_other": (1, 0.0), "topic": (1, 0.0), "story_other": (1, 1.0)}
-    assert out["answer"]["mean_abs_margin"] == pytest.approx(0.9)
+        "answer": (3, 1.0), "question_other": (1, 0.0), "topic": (1, 0.0), "story_other": (1, 1.0)}
+    assert out["answer"]["mean_abs_margin"] == pytest.approx((0.9 + 0.9 + 0.2) / 3)
+
+
+def test_pair_logps_are_the_dpo_stages_sequence_logps(micro_run):
+    """Both sides share the prompt, so a prompt token leaking into the sums would cancel in every accuracy: compare
+    the sums themselves with DPO's own (labels -100 on the prompt)."""
+    ckpt = common.load_checkpoint(str(micro_run / "sft" / "ckpt.pt"))
+    tok, model = load_tokenizer(ckpt["tokenizer_path"]), common.build_model(ckpt, "cpu").eval()
+    pairs = [tokenize_pref(tok, r, model.config.block_size)
+             for r in load_prefs(str(micro_run / "world" / "prefs_val.jsonl"))[:7]]
+    ours = evaluate.pair_logps(model, pairs, tok.pad_id, "cpu")
+    with torch.no_grad():
+        chosen, rejected = train_dpo.concatenated_logps(model, pairs, tok.pad_id, "cpu")
+    assert torch.allclose(ours, torch.stack([chosen, rejected], 1), atol=1e-4)
 
 
 def test_kinds_cover_the_pairs_and_match_the_rm_stages_gold_agreement(micro_run, tmp_path):

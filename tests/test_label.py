@@ -57,14 +57,16 @@ def test_scripted_session_writes_preferences_and_resumes_after_an_interrupt(micr
 
 def test_human_win_rates_count_models_not_positions_with_ties_half_and_skips_out(tmp_path):
     ppo, sft = "out/ppo.pt", "out/sft.pt"
-    rows = [("A", ppo, sft), ("A", sft, ppo), ("B", sft, ppo), ("tie", ppo, sft), ("skip", sft, ppo),
-            ("identical", sft, ppo), ("A", sft, sft)]  # the last: two samples of one model, no contest
+    rows = [("A", ppo, sft, [ppo, sft]), ("A", sft, ppo, [ppo, sft]), ("B", sft, ppo, [ppo, sft]),
+            ("tie", ppo, sft, [ppo, sft]), ("skip", sft, ppo, [ppo, sft]), ("identical", sft, ppo, [ppo, sft]),
+            ("A", sft, sft, [sft, sft]),  # two samples of one model: no contest
+            ("B", sft, ppo, [sft, ppo])]  # a later session with the roles swapped: still PPO's win, in the same game
     log = tmp_path / "prefs.jsonl.log.jsonl"
-    log.write_text("".join(json.dumps({"prompt_index": i, "choice": c, "A": a, "B": b, "models": [ppo, sft]}) + "\n"
-                           for i, (c, a, b) in enumerate(rows)))
+    log.write_text("".join(json.dumps({"prompt_index": i, "choice": c, "A": a, "B": b, "models": m}) + "\n"
+                           for i, (c, a, b, m) in enumerate(rows)))
     out = evaluate.main(["--labels", str(tmp_path / "prefs.jsonl")])["human_labels"]
     r = out[f"{ppo} vs {sft}"]
-    assert r["model"] == ppo and r["n"] == 5 and abs(r["win_rate"] - (1 + 0 + 1 + 0.5 + 0.5) / 5) < 1e-12
+    assert r["model"] == ppo and r["n"] == 6 and abs(r["win_rate"] - (1 + 0 + 1 + 0.5 + 0.5 + 1) / 6) < 1e-12
     assert len(out) == 1 and 0 < r["win_rate_ci"] < 1
     log.write_text(json.dumps({"prompt_index": 0, "A": ppo}) + "\n")
     with pytest.raises(DataError, match=r"prefs.jsonl.log.jsonl:1: expected a labelling decision"):
