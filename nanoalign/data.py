@@ -311,3 +311,15 @@ def pad(seqs: list[list[int]], pad_value: int, side="right") -> torch.LongTensor
             else:
                 out[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
     return out
+
+
+def concatenated_batch(pairs, pad_id, device):
+    """[prompt+chosen for every pair; prompt+rejected for every pair], right-padded: tokens, labels, pad_mask (2B, T).
+    Labels are -100 on the prompt and padding, so only response tokens (and their <|end|>) are scored. One forward
+    then serves both answers of every pair (the reward model, DPO, the evaluation's preference accuracy)."""
+    seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    prompts = [p for p, _, _ in pairs] * 2
+    tokens = pad(seqs, pad_id)
+    labels = pad([[-100] * len(p) + s[len(p):] for p, s in zip(prompts, seqs)], -100)
+    mask = pad([[1] * len(s) for s in seqs], 0).bool()
+    return tokens.to(device), labels.to(device), mask.to(device)

@@ -44,7 +44,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common
-from nanoalign.data import DataError, load_prefs, load_prompts, load_verifiable, pad, read_jsonl, tokenize_pref
+from nanoalign.data import (DataError, concatenated_batch, load_prefs, load_prompts, load_verifiable, read_jsonl,
+                            tokenize_pref)
 from nanoalign.generate import generate, logprobs_from_logits, response_logprobs
 from nanoalign.rl import load_reward_model, prompt_text, response_texts, score_last_token
 from nanoalign.tokenizer import load_tokenizer, render_chat
@@ -209,23 +210,19 @@ def agreement_by_kind(records, rm_chosen, rm_rejected) -> dict:
 
 
 def pair_batches(pairs, pad_id, device, batch_size=50):
-    """Right-padded [prompt+chosen; prompt+rejected] batches of tokenized pairs: (tokens, mask, response starts)."""
+    """data.concatenated_batch over chunks of tokenized pairs: (tokens, labels, pad_mask), each (2 x chunk, T)."""
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        seqs = [p + c for p, c, _ in chunk] + [p + r for p, _, r in chunk]
-        starts = torch.tensor([len(p) for p, _, _ in chunk] * 2, device=device)
-        yield pad(seqs, pad_id).to(device), pad([[1] * len(x) for x in seqs], 0).bool().to(device), starts
+        yield concatenated_batch(pairs[i:i + batch_size], pad_id, device)
 
 
 @torch.no_grad()
 def pair_logps(model, pairs, pad_id, device) -> torch.Tensor:
     """sum_t log pi(y_t | x, y_<t) over the chosen and the rejected response of each pair: (n, 2)."""
     out = []
-    for tokens, mask, starts in pair_batches(pairs, pad_id, device):
-        logp = logprobs_from_logits(model(tokens, pad_mask=mask)[:, :-1], tokens[:, 1:])  # column t scores token t+1
-        target = torch.arange(1, tokens.shape[1], device=device)
-        sums = (logp * (mask[:, 1:] & (target >= starts[:, None]))).sum(1)
-        out.append(sums.view(2, -1).T)
+    for tokens, labels, mask in pair_batches(pairs, pad_id, device):
+        labels = labels[:, 1:]  # column t of the logits scores token t+1; -100 on the prompt and padding
+        logp = logprobs_from_logits(model(tokens, pad_mask=mask)[:, :-1], labels.clamp(min=0))
+        out.append((logp * (labels != -100)).sum(1).view(2, -1).T)
     return torch.cat(out)
 
 
@@ -233,7 +230,7 @@ def pair_logps(model, pairs, pad_id, device) -> torch.Tensor:
 def pair_rm_scores(rm, pairs, pad_id, device) -> torch.Tensor:
     """The reward model's score of each pair's chosen and rejected response: (n, 2)."""
     return torch.cat([score_last_token(rm[0], tokens, mask, rm[1]).view(2, -1).T
-                      for tokens, mask, _ in pair_batches(pairs, pad_id, device)])
+                      for tokens, _, mask in pair_batches(pairs, pad_id, device)])
 
 
 def human_win_rates(path: str) -> dict:

@@ -34,7 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common
-from nanoalign.data import load_prefs, load_prompts, pad, tokenize_pref
+from nanoalign.data import concatenated_batch, load_prefs, load_prompts, tokenize_pref
 from nanoalign.generate import upcast
 from nanoalign.model import set_dropout
 from nanoalign.rl import load_reward_model, reward_function, rollout_pairs
@@ -106,17 +106,6 @@ def sequence_logps(logits, labels):
     mask = labels != -100
     logp = torch.gather(F.log_softmax(upcast(logits[:, :-1]), -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(-1)
-
-
-def concatenated_batch(pairs, pad_id, device):
-    """[prompt+chosen for every pair; prompt+rejected for every pair], right-padded: tokens, labels, pad_mask (2B, T).
-    Labels are -100 on the prompt and padding, so only response tokens (and their <|end|>) are scored."""
-    seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
-    prompts = [p for p, _, _ in pairs] * 2
-    tokens = pad(seqs, pad_id)
-    labels = pad([[-100] * len(p) + s[len(p):] for p, s in zip(prompts, seqs)], -100)
-    mask = pad([[1] * len(s) for s in seqs], 0).bool()
-    return tokens.to(device), labels.to(device), mask.to(device)
 
 
 def concatenated_logps(model, pairs, pad_id, device):

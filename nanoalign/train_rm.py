@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common
-from nanoalign.data import load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
+from nanoalign.data import concatenated_batch, load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
 from nanoalign.generate import upcast
 from nanoalign.model import set_dropout
 from nanoalign.rl import score_last_token
@@ -76,17 +76,9 @@ def bt_loss(chosen_rewards, rejected_rewards, margin: float = 0.0):
     return loss, {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item()}
 
 
-def pair_batch(pairs, pad_id, device):
-    """Concatenate [all prompt+chosen; all prompt+rejected] right-padded to one length: tokens (2B, T), mask (2B, T)."""
-    seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
-    tokens = pad(seqs, pad_id)
-    mask = pad([[1] * len(s) for s in seqs], 0).bool()
-    return tokens.to(device), mask.to(device)
-
-
 def pair_rewards(model, pairs, pad_id, device, offset=0.0):
     """One forward for chosen and rejected; returns (chosen_rewards (B,), rejected_rewards (B,))."""
-    tokens, mask = pair_batch(pairs, pad_id, device)
+    tokens, _, mask = concatenated_batch(pairs, pad_id, device)  # [all prompt+chosen; all prompt+rejected]
     scores = model(tokens, pad_mask=mask, output="scalar")  # (2B, T)
     r = upcast(scores.gather(1, (mask.sum(1) - 1)[:, None]).squeeze(1)) - offset  # right-padded: last real = len - 1
     return r[:len(pairs)], r[len(pairs):]
