@@ -56,6 +56,7 @@ class BenchConfig:
     prompt_len: int = 32  # longest prompt (RM, DPO, generation, RL)
     response_len: int = 32  # longest RM/DPO response
     ragged: bool = True  # lengths uniform in [len/2, len] so padding is exercised (False: all full length)
+    gelu: str = GPTConfig.gelu  # the stages' default; the peer runs' HF GPT-2 uses the tanh form ("gelu_new")
     gen_new: int = 128  # new tokens per generate() call with the KV cache
     gen_new_nocache: int = 32  # without the cache each step re-reads the whole prefix (O(N^2)): a shorter call
     ppo_batch: int = PPOConfig.batch_size  # rollouts per PPO iteration
@@ -71,9 +72,9 @@ class BenchConfig:
 
 
 # the peer runs (../shared/peers/README.md): SFT 16 x 128; RM/DPO 16 pairs x (32+32); PPO 16 x (32 + 32 new), 1 epoch
-# of 1 minibatch; GRPO 8 prompts x 2; generation 16 x (32 + 128 new), with and without the cache
+# of 1 minibatch; GRPO 8 prompts x 2; generation 16 x (32 + 128 new), with and without the cache; HF GPT-2's tanh GELU
 PEERS = dict(sft_batch=16, pairs=16, ragged=False, gen_new_nocache=128, ppo_batch=16, grpo_prompts=8, grpo_group=2,
-             rl_new=32, rl_minibatches=1, rl_epochs=1)
+             rl_new=32, rl_minibatches=1, rl_epochs=1, gelu="tanh")
 QUICK = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, seq_len=32, batch_size=4, sft_batch=4, pairs=4,
              prompt_len=8, response_len=8, gen_new=8, gen_new_nocache=4, ppo_batch=4, grpo_prompts=2, grpo_group=2,
              rl_new=8, rl_minibatches=1, rl_epochs=1, warmup=1, repeats=2, slow_repeats=1, peak_n=256)
@@ -157,7 +158,8 @@ def new_model(c: BenchConfig, device: str, seed=0, **sizes) -> GPT:
     """A freshly initialised GPT of the bench's sizes; keyword arguments override GPTConfig fields."""
     torch.manual_seed(seed)
     block = max(c.seq_len, c.prompt_len + max(c.response_len, c.gen_new, c.rl_new))
-    cfg = dict(block_size=block, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+    cfg = dict(block_size=block, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+               gelu=c.gelu)
     return GPT(GPTConfig(**{**cfg, **sizes})).to(device)
 
 
@@ -212,7 +214,7 @@ class Bench:
 def bench_pretrain(b: Bench, key, model, batch: int, T: int, dtype: str, compile=False, note=""):
     """train_pretrain's step: next-token cross-entropy under autocast, AdamW and clipping with its defaults."""
     pc = PretrainConfig
-    optimizer = common.make_optimizer(model, pc.lr, pc.weight_decay, device=b.device)
+    optimizer = common.make_optimizer(model, pc.lr, pc.weight_decay)
     forward = torch.compile(model) if compile else model
     xy = torch.randint(0, model.config.vocab_size, (batch, T + 1), device=b.device)
 
@@ -240,7 +242,8 @@ def bench_pretrain_all(b: Bench, args):
                           gelu="none")  # nanoGPT's defaults: no biases, the exact GELU
         bench_pretrain(b, "pretrain char-level, nanoGPT's layers", model, 16, 128, "float32")
     for name, dtype, comp in variants if cuda and not args.quick else []:  # GPT-2 124M: 12 x 12 heads x 768 wide
-        model = new_model(c, b.device, block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
+        model = new_model(c, b.device, block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768,
+                          gelu="tanh")
         bench_pretrain(b, f"pretrain GPT-2 124M {name}", model, 8, 1024, dtype, comp)
 
 
@@ -261,14 +264,14 @@ def bench_sft(b: Bench, args):
     """train_sft's step: collate, then sft_loss over the labelled tokens (here all of them, as TRL's 'text' SFT)."""
     c, sc = b.cfg, SFTConfig
     model = new_model(c, b.device)
-    optimizer = common.make_optimizer(model, sc.lr, sc.weight_decay, device=b.device)
+    optimizer = common.make_optimizer(model, sc.lr, sc.weight_decay)
     examples = [(s, s) for s in random_seqs(c, c.sft_batch, c.seq_len, seed=2)]
     n_real = sum(len(s) for s, _ in examples)
 
     def step():
-        tokens, labels, mask = collate(examples, PAD, b.device)
+        tokens, labels = collate(examples, PAD, b.device)
         with common.autocast(b.device, sc.dtype):
-            loss = sft_loss(model(tokens, pad_mask=mask), labels, n_real - len(examples))  # targets shift by one
+            loss = sft_loss(model(tokens), labels, n_real - len(examples))  # targets shift by one
         optimizer_step(model, optimizer, loss, sc.grad_clip)
     b.item("sft", step, n_real, "tok/s", tokens=n_real, flops_per_token=model.flops_per_token(c.seq_len))
 
@@ -277,7 +280,7 @@ def bench_rm(b: Bench, args):
     """train_rm's step: chosen and rejected in one forward, the Bradley-Terry loss."""
     c, rc = b.cfg, RMConfig
     model = new_model(c, b.device).add_scalar_head("reward")
-    optimizer = common.make_optimizer(model, rc.lr, rc.weight_decay, device=b.device)
+    optimizer = common.make_optimizer(model, rc.lr, rc.weight_decay)
     pairs, n_real = random_pairs(c, seed=3)
 
     def step():
@@ -291,7 +294,7 @@ def bench_dpo(b: Bench, args):
     c, dc = b.cfg, DPOConfig
     policy = new_model(c, b.device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    optimizer = common.make_optimizer(policy, dc.lr, 0.0, device=b.device)
+    optimizer = common.make_optimizer(policy, dc.lr, 0.0)
     pairs, n_real = random_pairs(c, seed=4)
 
     def step():
@@ -335,7 +338,7 @@ def bench_ppo(b: Bench, args):
                     max_new_tokens=c.rl_new, iterations=c.warmup + c.slow_repeats)
     policy, ref, rm = rl_models(b)
     policy.add_scalar_head("zero")  # the value head on the policy's trunk, added after the reference was copied
-    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5, device=b.device)
+    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5)
     d, it = common.Dist(device=b.device), [0]
 
     def update(ro, scores):
@@ -353,7 +356,7 @@ def bench_grpo(b: Bench, args):
     cfg = GRPOConfig(prompts_per_iter=c.grpo_prompts, group_size=c.grpo_group, minibatches=c.rl_minibatches,
                      ppo_epochs=c.rl_epochs, max_new_tokens=c.rl_new)
     policy, ref, rm = rl_models(b)
-    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5, device=b.device)
+    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5)
     prompts = [p for p in random_seqs(c, cfg.prompts_per_iter, c.prompt_len, seed=6) for _ in range(cfg.group_size)]
     d, it = common.Dist(device=b.device), [0]
 

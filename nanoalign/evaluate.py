@@ -219,9 +219,9 @@ def pair_batches(pairs, pad_id, device, batch_size=50):
 def pair_logps(model, pairs, pad_id, device) -> torch.Tensor:
     """sum_t log pi(y_t | x, y_<t) over the chosen and the rejected response of each pair: (n, 2)."""
     out = []
-    for tokens, labels, mask in pair_batches(pairs, pad_id, device):
+    for tokens, labels, _ in pair_batches(pairs, pad_id, device):
         labels = labels[:, 1:]  # column t of the logits scores token t+1; -100 on the prompt and padding
-        logp = logprobs_from_logits(model(tokens, pad_mask=mask)[:, :-1], labels.clamp(min=0))
+        logp = logprobs_from_logits(model(tokens)[:, :-1], labels.clamp(min=0))  # right-padded: no mask needed
         out.append((logp * (labels != -100)).sum(1).view(2, -1).T)
     return torch.cat(out)
 

@@ -33,8 +33,8 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0    # used in pretraining/SFT only; RM, PPO and DPO switch it off (see set_dropout)
     bias: bool = True       # biases in Linear and LayerNorm, as in GPT-2
-    gelu: str = "tanh"      # "tanh": GPT-2's approximation (needed for its weights); "none": exact (nanoGPT's), ~5%
-                            # faster on CPU, where the tanh form is a slower kernel
+    gelu: str = "none"      # "none": the exact GELU (nanoGPT's); "tanh": GPT-2's approximation, which its weights
+                            # were trained with (load_gpt2 sets it). On CPU the tanh form is a slower kernel
 
 
 class KVCache:
@@ -163,7 +163,11 @@ class GPT(nn.Module):
         return self
 
     def forward(self, idx, pad_mask=None, cache: KVCache | None = None, output: str = "logits"):
-        """idx (B, T) token ids; pad_mask (B, S) with S = cached + T tokens (None = no padding anywhere).
+        """idx (B, T) token ids; pad_mask (B, S) with S = cached + T tokens, True at real tokens.
+
+        pad_mask=None: no padding, or padding on the right only. Causal attention already keeps every real token from
+        seeing a later pad, so a right-padded batch (SFT, RM, DPO) needs no mask and gets the fast fused causal kernel
+        (flash attention on CUDA); the pads' own outputs are junk that the caller never reads.
 
         output: "logits" -> (B, T, V); "scalar" -> (B, T); "both" -> ((B, T, V), (B, T)).
         """

@@ -106,7 +106,7 @@ def train(cfg: DistillConfig):
     common.check(max(map(len, prompts)) + cfg.max_new_tokens <= student.config.block_size, "max_new_tokens",
                  f"longest prompt + {cfg.max_new_tokens} new tokens > block_size {student.config.block_size}")
 
-    optimizer = common.make_optimizer(student, cfg.lr, 0.0, device=d.device)
+    optimizer = common.make_optimizer(student, cfg.lr, 0.0)
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)  # per-rank sampling seed
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:

@@ -109,8 +109,8 @@ def sequence_logps(logits, labels):
 
 
 def concatenated_logps(model, pairs, pad_id, device):
-    tokens, labels, mask = concatenated_batch(pairs, pad_id, device)
-    logps = sequence_logps(model(tokens, pad_mask=mask), labels)  # (2B,)
+    tokens, labels, _ = concatenated_batch(pairs, pad_id, device)
+    logps = sequence_logps(model(tokens), labels)  # (2B,); right-padded, so no attention mask is needed (model.py)
     return logps[:len(pairs)], logps[len(pairs):]
 
 
@@ -127,7 +127,7 @@ def train(cfg: DPOConfig):
     train_set = [tokenize_pref(tok, ex, max_len) for ex in load_prefs(cfg.data, cfg.skip_bad)] if cfg.epochs else []
     val_set = [tokenize_pref(tok, ex, max_len) for ex in load_prefs(cfg.val_data, cfg.skip_bad)] if cfg.val_data else []
 
-    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, device=d.device)
+    optimizer = common.make_optimizer(policy, cfg.lr, 0.0)
     raw_policy, step, ckpt_path = policy, 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
         ckpt = common.load_checkpoint(ckpt_path, stages=["dpo"], tokenizer=tok.name)

@@ -171,7 +171,7 @@ def train(cfg: GRPOConfig):
     common.check(max(map(len, prompt_ids)) + cfg.max_new_tokens <= policy.config.block_size, "max_new_tokens",
                  f"longest prompt + {cfg.max_new_tokens} new tokens > block_size {policy.config.block_size}")
 
-    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5, device=d.device)
+    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5)
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)  # per-rank sampling seed
     it, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:

@@ -203,7 +203,7 @@ def train(cfg: PPOConfig):
     common.check(max(map(len, prompt_ids)) + cfg.max_new_tokens <= policy.config.block_size, "max_new_tokens",
                  f"longest prompt + {cfg.max_new_tokens} new tokens > block_size {policy.config.block_size}")
 
-    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5, device=d.device)  # eps 1e-5 as the references
+    optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5)  # eps 1e-5 as the references
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)  # per-rank sampling seed
     it, kl_coef, ckpt_path = 0, cfg.kl_coef, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:

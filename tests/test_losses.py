@@ -242,3 +242,36 @@ def test_adaptive_kl_controller_is_still_at_target_and_bounded():
     up = adaptive_kl_update(0.1, 100.0, 6.0, 1000, 10000)
     down = adaptive_kl_update(0.1, 0.0, 6.0, 1000, 10000)
     assert up == pytest.approx(0.1 * (1 + 0.2 * 0.1)) and down == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+
+
+def test_make_optimizer_is_adamw_with_decay_on_matrices_only():
+    """common.make_optimizer's fused AdamW takes the steps of PyTorch's textbook loop (rounding aside), and decays
+    2-D weights only: with zero gradients a matrix shrinks by lr * wd per step while biases and gains stay put."""
+    from nanoalign.common import make_optimizer
+    from nanoalign.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0], 1e-2, 0.1)
+    matrices = [p for p in models[1].parameters() if p.dim() >= 2]
+    vectors = [p for p in models[1].parameters() if p.dim() < 2]
+    loop = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
+                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False, fused=False)
+    x = torch.randint(0, 40, (3, 16))
+    for _ in range(5):
+        for model, opt in zip(models, (fused, loop)):
+            model(x).logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert fused.param_groups[0]["fused"] and not loop.param_groups[0]["fused"]
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-4)  # 1% of one step: rounding, not a different update
+    model = models[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, 1e-2, 0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        expected = before[n] * (1 - 1e-2 * 0.1) if p.dim() >= 2 else before[n]
+        assert torch.allclose(p, expected, atol=1e-7), n

@@ -48,6 +48,30 @@ def test_right_padding_does_not_change_logits_of_real_tokens():
     assert torch.allclose(m(padded, pad_mask=mask)[:, :10], m(x), atol=1e-5)
 
 
+def test_right_padded_batch_needs_no_attention_mask():
+    """SFT, RM and DPO pass right-padded batches without pad_mask (the fused causal kernel): the real tokens' logits,
+    scalars and the gradients of a loss over them must equal those of the masked forward."""
+    m = tiny_model().train()
+    m.add_scalar_head("reward")
+    lengths = [20, 7, 13, 1]
+    tokens = torch.randint(1, V, (4, 20))
+    mask = torch.arange(20)[None] < torch.tensor(lengths)[:, None]
+    tokens = tokens.masked_fill(~mask, PAD)
+
+    def forward_and_grads(pad_mask):
+        m.zero_grad()
+        logits, scalar = m(tokens, pad_mask=pad_mask, output="both")
+        (logprobs_from_logits(logits, tokens)[mask].sum() + scalar[mask].sum()).backward()
+        return logits[mask], scalar[mask], [p.grad.clone() for p in m.parameters()]
+
+    with_mask, without = forward_and_grads(mask), forward_and_grads(None)
+    assert torch.allclose(with_mask[0], without[0], atol=1e-5) and torch.allclose(with_mask[1], without[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(with_mask[2], without[2]))
+    tokens[1, 7:] = (tokens[1, 7:] + 1) % V  # what sits in the pad slots never reaches a real token
+    assert torch.allclose(forward_and_grads(None)[0], without[0], atol=1e-5)
+    tokens, mask = tokens.flip(1), mask.flip(1)  # left padding is another matter: there the mask is needed
+    assert not torch.allclose(forward_and_grads(mask)[0], forward_and_grads(None)[0], atol=1e-3)
+
 def test_heavily_left_padded_batch_has_finite_logits_and_gradients():
     m = tiny_model()
     m.train()

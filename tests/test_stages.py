@@ -111,14 +111,15 @@ def test_ppo_no_end_penalty_and_pluggable_reward_reach_the_rollout_scores(micro_
 def test_sft_labels_cover_only_the_answer_and_padding_does_not_change_the_loss(micro_run):
     sft, tok, _ = load(micro_run, "sft")
     examples = [tokenize_sft(tok, m, 128) for m in load_sft(world(micro_run, "sft_val.jsonl"))[:3]]
-    tokens, labels, mask = collate(examples, tok.pad_id, "cpu")
+    tokens, labels = collate(examples, tok.pad_id, "cpu")
     n = int((labels[:, 1:] != -100).sum())
-    loss = sft_loss(sft(tokens, pad_mask=mask), labels, n)
+    loss = sft_loss(sft(tokens), labels, n)
+    alone = sum(sft_loss(sft(torch.tensor([ids])), torch.tensor([lab]), n) for ids, lab in examples)
+    assert torch.allclose(loss, alone, atol=1e-5)  # right padding (no attention mask) changes nothing
     more = [(ids, lab) for ids, lab in examples] + [([tok.user_id, 5, tok.end_id], [-100, -100, -100])]
-    t2, l2, m2 = collate(more, tok.pad_id, "cpu")
-    t2 = torch.cat([t2, torch.full((4, 5), tok.pad_id)], 1)
-    l2, m2 = torch.cat([l2, torch.full((4, 5), -100)], 1), torch.cat([m2, torch.zeros(4, 5, dtype=torch.bool)], 1)
-    assert torch.allclose(sft_loss(sft(t2, pad_mask=m2), l2, n), loss, atol=1e-5)
+    t2, l2 = collate(more, tok.pad_id, "cpu")
+    t2, l2 = torch.cat([t2, torch.full((4, 5), tok.pad_id)], 1), torch.cat([l2, torch.full((4, 5), -100)], 1)
+    assert torch.allclose(sft_loss(sft(t2), l2, n), loss, atol=1e-5)
     ids, lab = examples[0]
     answer_start = ids.index(tok.assistant_id) + 1
     assert all(x == -100 for x in lab[:answer_start]) and lab[answer_start:] == ids[answer_start:]
