@@ -6,6 +6,7 @@ Benchmarks: how fast each stage runs here, and how close to the machine's limit 
     python -m nanoalign.bench --json     # one JSON object on stdout instead (progress goes to stderr)
     python -m nanoalign.bench --quick    # micro sizes, seconds: the smoke test
     python -m nanoalign.bench --compile --char   # + torch.compile variants; + nanoGPT's char-level size (vocab 65)
+    python -m nanoalign.bench --only choices     # each speed choice of the stages against what it replaced
 
 Each item runs the stages' own functions on fresh models and random tokens (no data, no checkpoint) and reports the
 median of several timed calls after warm-up calls. Throughputs count real (non-pad) tokens. MFU = training FLOPs per
@@ -372,8 +373,63 @@ def bench_grpo(b: Bench, args):
            f"{cfg.max_new_tokens} new; {cfg.ppo_epochs} ep x {cfg.minibatches} mb")
 
 
+
+
+
+def interleaved(b: Bench, key: str, chosen, alternative, alternative_name: str):
+    """Time a choice of the stages against its alternative call by call in turn (A, B, A, B, ...), so that the
+    machine's drift, which can swamp a few per cent between separate runs, hits both alike."""
+    for _ in range(b.cfg.warmup):
+        chosen(), alternative()
+    times = {chosen: [], alternative: []}
+    for _ in range(2 * b.cfg.repeats):
+        for step in (chosen, alternative):
+            t = clock(b.device)
+            step()
+            times[step].append(clock(b.device) - t)
+    ms, alt_ms = (1000 * statistics.median(times[f]) for f in (chosen, alternative))
+    b.rows.append({"item": key, "ms": ms, "rate": alt_ms / ms, "unit": "x", "tok_s": None, "gflops": None,
+                   "note": f"{alternative_name} {alt_ms:.1f} ms", "split_ms": {}, "times_ms": [1000 * t for t in
+                   times[chosen]], "warmup_s": None, "peak_mem_mb": peak_memory_mb(b.device)})
+
+
+def bench_choices(b: Bench, args):
+    """The stages' speed choices, each against what it replaced: the exact GELU (vs GPT-2's tanh form), the fused
+    AdamW (vs PyTorch's CPU default, a Python loop over the parameters), and right-padded batches without an
+    attention mask (vs passing the pad mask). Rate = the alternative's time / the choice's: above 1, the choice wins."""
+    c = b.cfg
+
+    def pretrain_step(gelu, fused):
+        model = new_model(c, b.device, block_size=c.seq_len, gelu=gelu)
+        optimizer = common.make_optimizer(model, PretrainConfig.lr, PretrainConfig.weight_decay)
+        for group in optimizer.param_groups if not fused else []:
+            group.update(fused=None, foreach=False)  # the single-tensor loop
+        xy = torch.randint(0, c.vocab_size, (c.batch_size, c.seq_len + 1), device=b.device)
+        return lambda: optimizer_step(model, optimizer, F.cross_entropy(model(xy[:, :-1]).flatten(0, 1),
+                                                                        xy[:, 1:].flatten()), 1.0)
+    interleaved(b, "choice: exact GELU", pretrain_step("none", True), pretrain_step("tanh", True), "tanh GELU")
+    interleaved(b, "choice: fused AdamW", pretrain_step("none", True), pretrain_step("none", False), "AdamW loop")
+
+    def masked(model):  # the alternative: the same call with the pad mask (random tokens are never PAD)
+        return lambda tokens, **kw: model(tokens, pad_mask=tokens != PAD, **kw)
+    model = new_model(c, b.device)
+    sft_opt = common.make_optimizer(model, SFTConfig.lr, 0.0)
+    examples = [(s, s) for s in random_seqs(c, c.sft_batch, c.seq_len, seed=2)]
+
+    def sft_step(forward):
+        tokens, labels = collate(examples, PAD, b.device)
+        return lambda: optimizer_step(model, sft_opt, sft_loss(forward(tokens), labels, len(examples)), 1.0)
+    interleaved(b, "choice: no mask, SFT", sft_step(model), sft_step(masked(model)), "with mask")
+    rm = new_model(c, b.device).add_scalar_head("reward")
+    rm_opt, pairs = common.make_optimizer(rm, RMConfig.lr, 0.0), random_pairs(c, seed=3)[0]
+
+    def rm_step(forward):
+        return lambda: optimizer_step(rm, rm_opt, bt_loss(*pair_rewards(forward, pairs, PAD, b.device))[0], 1.0)
+    interleaved(b, "choice: no mask, RM", rm_step(rm), rm_step(masked(rm)), "with mask")
+
+
 SECTIONS = {"pretrain": bench_pretrain_all, "generate": bench_generate, "sft": bench_sft, "rm": bench_rm,
-            "dpo": bench_dpo, "ppo": bench_ppo, "grpo": bench_grpo}
+            "dpo": bench_dpo, "ppo": bench_ppo, "grpo": bench_grpo, "choices": bench_choices}
 
 
 def machine_peaks(c: BenchConfig, device: str) -> dict:
