@@ -1,7 +1,7 @@
 """
 Benchmarks: how fast each stage runs here, and how close to the machine's limit (MFU).
 
-    python -m nanoalign.bench            # a table at the tiny preset's sizes (the stages' defaults); ~1.5 min, 2 cores
+    python -m nanoalign.bench            # a table at the tiny preset's sizes (the stages' defaults); ~2 min, 2 cores
     python -m nanoalign.bench --peers    # exactly the sizes of the TRL peer runs, TRL's figures beside ours
     python -m nanoalign.bench --json     # one JSON object on stdout instead (progress goes to stderr)
     python -m nanoalign.bench --quick    # micro sizes, seconds: the smoke test
