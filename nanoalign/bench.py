@@ -203,10 +203,14 @@ class Bench:
         sec, times, parts, warmup_s = measure(step, self.cfg.warmup, self.cfg.slow_repeats if slow else
                                               self.cfg.repeats, self.device)
         tok_s = tokens / sec if tokens else None
-        row = {"item": key, "ms": 1000 * sec, "rate": units / sec, "unit": unit, "tok_s": tok_s,
-               "gflops": flops_per_token * tok_s / 1e9 if flops_per_token else None, "note": note,
-               "split_ms": {k: 1000 * v for k, v in parts.items()}, "times_ms": [1000 * t for t in times],
-               "warmup_s": warmup_s, "peak_mem_mb": peak_memory_mb(self.device)}
+        self.add_row(key, sec, times, units / sec, unit, note, tok_s,
+                     flops_per_token * tok_s / 1e9 if flops_per_token else None, parts, warmup_s)
+
+    def add_row(self, key, sec, times, rate, unit, note="", tok_s=None, gflops=None, parts=None, warmup_s=None):
+        """One row of the table and of the JSON, whichever way it was timed."""
+        row = {"item": key, "ms": 1000 * sec, "rate": rate, "unit": unit, "tok_s": tok_s, "gflops": gflops,
+               "note": note, "split_ms": {k: 1000 * v for k, v in (parts or {}).items()},
+               "times_ms": [1000 * t for t in times], "warmup_s": warmup_s, "peak_mem_mb": peak_memory_mb(self.device)}
         if self.peers and key in TRL:
             row["trl"] = {"rate": TRL[key][0], "what": TRL[key][1], "ours_over_trl": row["rate"] / TRL[key][0]}
         self.rows.append(row)
@@ -373,12 +377,10 @@ def bench_grpo(b: Bench, args):
            f"{cfg.max_new_tokens} new; {cfg.ppo_epochs} ep x {cfg.minibatches} mb")
 
 
-
-
-
 def interleaved(b: Bench, key: str, chosen, alternative, alternative_name: str):
     """Time a choice of the stages against its alternative call by call in turn (A, B, A, B, ...), so that the
     machine's drift, which can swamp a few per cent between separate runs, hits both alike."""
+    print(f"[bench] {key} ...", file=sys.stderr, flush=True)
     for _ in range(b.cfg.warmup):
         chosen(), alternative()
     times = {chosen: [], alternative: []}
@@ -387,10 +389,8 @@ def interleaved(b: Bench, key: str, chosen, alternative, alternative_name: str):
             t = clock(b.device)
             step()
             times[step].append(clock(b.device) - t)
-    ms, alt_ms = (1000 * statistics.median(times[f]) for f in (chosen, alternative))
-    b.rows.append({"item": key, "ms": ms, "rate": alt_ms / ms, "unit": "x", "tok_s": None, "gflops": None,
-                   "note": f"{alternative_name} {alt_ms:.1f} ms", "split_ms": {}, "times_ms": [1000 * t for t in
-                   times[chosen]], "warmup_s": None, "peak_mem_mb": peak_memory_mb(b.device)})
+    sec, alt_sec = (statistics.median(times[f]) for f in (chosen, alternative))
+    b.add_row(key, sec, times[chosen], alt_sec / sec, "x", f"{alternative_name} {1000 * alt_sec:.1f} ms")
 
 
 def bench_choices(b: Bench, args):
@@ -415,10 +415,11 @@ def bench_choices(b: Bench, args):
     model = new_model(c, b.device)
     sft_opt = common.make_optimizer(model, SFTConfig.lr, 0.0)
     examples = [(s, s) for s in random_seqs(c, c.sft_batch, c.seq_len, seed=2)]
+    n_trained = sum(len(s) - 1 for s, _ in examples)  # every token but the first is a target, as in bench_sft
 
     def sft_step(forward):
         tokens, labels = collate(examples, PAD, b.device)
-        return lambda: optimizer_step(model, sft_opt, sft_loss(forward(tokens), labels, len(examples)), 1.0)
+        return lambda: optimizer_step(model, sft_opt, sft_loss(forward(tokens), labels, n_trained), 1.0)
     interleaved(b, "choice: no mask, SFT", sft_step(model), sft_step(masked(model)), "with mask")
     rm = new_model(c, b.device).add_scalar_head("reward")
     rm_opt, pairs = common.make_optimizer(rm, RMConfig.lr, 0.0), random_pairs(c, seed=3)[0]
