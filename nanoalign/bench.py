@@ -294,8 +294,8 @@ def bench_rm(b: Bench, args):
 
 
 def bench_dpo(b: Bench, args):
-    """train_dpo's step: the frozen reference's log-probs without grad, then the policy's; one forward of 2B rows each
-    (train_dpo memoises the reference per pair, so with one epoch, its default, every step pays for it once)."""
+    """train_dpo's step: the frozen reference's log-probs without grad, then the policy's, on the same batch; one
+    forward of 2B rows each."""
     c, dc = b.cfg, DPOConfig
     policy = new_model(c, b.device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -337,10 +337,10 @@ def rl_step(b: Bench, policy, ref, rm, update, **rollout_kwargs):
     return step
 
 
-def bench_ppo(b: Bench, args):
+def bench_ppo(b: Bench, args, dtype="float32"):
     c = b.cfg
     cfg = PPOConfig(batch_size=c.ppo_batch, minibatches=c.rl_minibatches, ppo_epochs=c.rl_epochs,
-                    max_new_tokens=c.rl_new, iterations=c.warmup + c.slow_repeats)
+                    max_new_tokens=c.rl_new, iterations=c.warmup + c.slow_repeats, dtype=dtype)
     policy, ref, rm = rl_models(b)
     policy.add_scalar_head("zero")  # the value head on the policy's trunk, added after the reference was copied
     optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5)
@@ -351,8 +351,9 @@ def bench_ppo(b: Bench, args):
         ppo_update(policy, optimizer, ro, advantages, returns, cfg, it[0] % cfg.iterations, d)
         it[0] += 1
     step = rl_step(b, policy, ref, rm, update, prompts=random_seqs(c, cfg.batch_size, c.prompt_len, seed=5),
-                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, with_values=True)
-    b.item("ppo", step, cfg.batch_size, "rollouts/s", slow=True,
+                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, with_values=True,
+                   minibatch=cfg.batch_size // cfg.minibatches, dtype=dtype)
+    b.item("ppo" if dtype == "float32" else f"ppo {dtype}", step, cfg.batch_size, "rollouts/s", slow=True,
            note=f"{cfg.batch_size} x {cfg.max_new_tokens} new; {cfg.ppo_epochs} ep x {cfg.minibatches} mb")
 
 
@@ -372,7 +373,7 @@ def bench_grpo(b: Bench, args):
         grpo_update(policy, optimizer, ro, advantages, keep, cfg, it[0] % cfg.iterations, d)
         it[0] += 1
     step = rl_step(b, policy, ref, rm, update, prompts=prompts, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature)
+                   temperature=cfg.temperature, minibatch=len(prompts) // cfg.minibatches)
     b.item("grpo", step, len(prompts), "compl/s", slow=True, note=f"{cfg.prompts_per_iter} x {cfg.group_size} x "
            f"{cfg.max_new_tokens} new; {cfg.ppo_epochs} ep x {cfg.minibatches} mb")
 

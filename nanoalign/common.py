@@ -69,11 +69,13 @@ def parse_config(cls, argv=None, doc: str | None = None):
                             help=f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%"))
     args = parser.parse_args(argv)
     cfg = cls(**vars(args))
-    if hasattr(cfg, "validate"):
-        try:
+    try:
+        if getattr(cfg, "dtype", ""):  # "" = the default of whoever reads it (the pipeline's presets)
+            check_dtype(cfg.dtype)
+        if hasattr(cfg, "validate"):
             cfg.validate()
-        except ValueError as e:
-            parser.error(str(e))
+    except ValueError as e:
+        parser.error(str(e))
     return cfg
 
 
@@ -105,19 +107,26 @@ class Dist:
 
 
 def init_dist(device: str = "auto") -> Dist:
-    """Single process, or one process per rank under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment).
-    NCCL on CUDA, gloo on CPU (so DDP is testable on a laptop)."""
+    """One process, or one process per rank under torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the environment).
+
+    Under torchrun the process group always starts, even for one rank, so `--nproc_per_node=1` runs exactly the code
+    path of many GPUs. On CUDA the group has two backends: NCCL for CUDA tensors (gradients, statistics) and gloo for
+    CPU tensors and Python objects (RNG states), because NCCL alone rejects CPU tensors. On CPU: gloo."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist(device=device)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend=process_group_backend(device))
     return Dist(rank, local_rank, world, device, rank == 0, True)
+
+
+def process_group_backend(device: str) -> str:
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
 
 
 def cleanup_dist():
@@ -125,12 +134,48 @@ def cleanup_dist():
         dist.destroy_process_group()
 
 
+# Every collective of nanoalign is one of the four below (tests/test_ddp.py checks that no other file calls
+# torch.distributed). Each is the identity in a single process.
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (identity without DDP). Used for global token counts and statistics."""
+    """Sum over ranks: global token counts and statistics."""
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+def all_reduce_min(x: int, device) -> int:
+    """The smallest value over ranks: a step count every rank can take (or DDP would wait forever)."""
+    t = torch.tensor(x, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj, d: "Dist") -> list:
+    """Every rank's `obj` (e.g. an RNG state), in rank order."""
+    out = [obj] * d.world
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def global_means(stats: dict, d: "Dist") -> dict:
+    """{name: mean over ranks} of per-rank statistics (floats or 0-d tensors; None stays None). One float64 tensor
+    on the rank's own device, one all-reduce and one copy to the host, however many statistics there are."""
+    names = [k for k, v in stats.items() if v is not None]
+    if not names:
+        return dict(stats)
+    local = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=d.device).reshape(())
+                         for k in names])
+    values = (all_reduce_sum(local) / d.world).tolist()
+    return {k: values[names.index(k)] if k in names else None for k in stats}
 
 
 def wrap_ddp(model, d: Dist):
@@ -151,8 +196,20 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+def check_dtype(dtype: str):
+    """float16 would need a gradient scaler (its 5-bit exponent underflows small gradients), which nanoalign leaves
+    out: bfloat16 has float32's range and runs on the GPUs that have fast float16 (Ampere and newer)."""
+    check(dtype in DTYPES, "dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}" + (
+        " (float16 needs a gradient scaler: use bfloat16, which has float32's range)" if dtype == "float16" else ""))
+
+
 def autocast(device: str, dtype: str):
-    """bf16/fp16 autocast on CUDA (and CPU if asked); float32 and float64 = no autocast."""
+    """bf16 autocast (on CUDA, and on the CPU if asked); float32 and float64 = no autocast. Losses, log-softmaxes and
+    the scalar head stay in fp32 inside it (generate.upcast, GPT.forward)."""
+    check_dtype(dtype)
     if dtype in ("float32", "float64"):
         return nullcontext()
     if device.startswith("cpu"):  # warnings.warn prints this once per call site
@@ -233,8 +290,8 @@ class StopSignal:
     """SIGINT/SIGTERM only set a flag; the loop checks it at a step boundary, saves, and exits cleanly.
     Under DDP the flag is all-reduced so every rank stops at the same step (no rank left waiting in a collective)."""
 
-    def __init__(self):
-        self.flag = False
+    def __init__(self, device="cpu"):
+        self.flag, self.device = False, device
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
@@ -245,7 +302,7 @@ class StopSignal:
         print(f"\n[nanoalign] signal {signum}: finishing this step, saving a checkpoint, then exiting", flush=True)
 
     def should_stop(self) -> bool:
-        return bool(all_reduce_sum(torch.tensor([float(self.flag)])).item() > 0)
+        return all_reduce_min(0 if self.flag else 1, self.device) == 0  # any rank's flag stops every rank
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -353,15 +410,21 @@ def diagnose(rows: list[dict]) -> list[tuple[str, str]]:
 
 class MetricsLog:
     """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0 only); run.json records the run. Every row
-    also goes to the run doctor (on every rank: the rows are all-reduced, so every rank stops together)."""
+    also goes to the run doctor (on every rank: the rows are all-reduced, so every rank stops together).
 
-    def __init__(self, out_dir: str, cfg, master: bool = True, resume: bool = False):
+    resume_step: the step (or PPO/GRPO iteration) of the checkpoint a resumed run continues from. Rows logged after
+    it, between the last checkpoint and a crash, are dropped: the resumed run logs those steps again."""
+
+    def __init__(self, out_dir: str, cfg, master: bool = True, resume_step: int | None = None):
         self.master, self.doctor = master, Doctor(getattr(cfg, "strict", False), master)
         self.path = os.path.join(out_dir, "metrics.jsonl")
         if master:
             os.makedirs(out_dir, exist_ok=True)
-            if not resume and os.path.exists(self.path):
-                os.remove(self.path)
+            kept = []
+            if resume_step is not None and os.path.exists(self.path):
+                kept = [r for r in read_metrics(self.path) if r.get("step", r.get("iter", 0)) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
             with open(os.path.join(out_dir, "run.json"), "w") as f:
                 json.dump(run_info(cfg), f, indent=1, default=str)
 
@@ -431,27 +494,14 @@ def file_hash(path: str) -> str:
 
 def generator_states(generator: torch.Generator, d: Dist) -> list:
     """Every rank's sampling generator state, for the checkpoint (a collective: all ranks call it)."""
-    states = [generator.get_state()] * d.world
-    if d.ddp:
-        dist.all_gather_object(states, generator.get_state())
-    return states
-
-
-def gather_rng_states(d: Dist) -> list:
-    """Every rank's RNG state (rank 0 saves them all, so a resumed DDP run continues each rank's stream)."""
-    states = [None] * d.world
-    if d.ddp:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
-    return states
+    return all_gather_object(generator.get_state(), d)
 
 
 def save_stage(path: str, d: Dist, stage: str, model, optimizer, step: int, cfg, tok, tokenizer_path: str,
                parent: str | None, **extra):
     """Every rank's RNG state is gathered (a collective, so all ranks call this); rank 0 writes one atomic file with
     the lineage (stage, parent, tokenizer) and everything --resume needs."""
-    rngs = gather_rng_states(d)
+    rngs = all_gather_object(rng_state(), d)  # every rank's RNG state: a resumed run continues each stream
     if d.master:
         save_checkpoint(path, stage=stage, model=model_state(model), model_config=asdict(unwrap(model).config),
                         optimizer=optimizer.state_dict(), step=step, config=asdict(cfg), tokenizer=tok.name,
@@ -472,12 +522,16 @@ def model_state(model) -> dict:
     return unwrap(model).state_dict()
 
 
-def build_model(ckpt: dict, device="cpu"):
-    """Rebuild the GPT (with its scalar head, if it had one) from a checkpoint dict."""
+def build_model(ckpt: dict, device="cpu", scalar_head: bool = True):
+    """Rebuild the GPT from a checkpoint dict, with its scalar head if it had one and scalar_head is true. A stage
+    whose loss never reads a parent's head (SFT or DPO from a PPO policy) must drop it: under DDP an unused parameter
+    stops the second step ("Expected to have finished reduction in the prior iteration")."""
     from nanoalign.model import GPT, GPTConfig
     model = GPT(GPTConfig(**ckpt["model_config"]))
     sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ckpt["model"].items()}
-    if any(k.startswith("scalar_head.") for k in sd):
+    if scalar_head and any(k.startswith("scalar_head.") for k in sd):
         model.add_scalar_head()
+    if not scalar_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
     model.load_state_dict(sd)
     return model.to(device)

@@ -72,6 +72,8 @@ class EvalConfig:
     def validate(self):
         common.check(self.judge in ("gold", "rm", "none"), "judge", f"must be gold, rm or none, got {self.judge!r}")
         common.check(self.judge != "rm" or self.reward_model, "judge", "--judge rm needs --reward_model")
+        common.check(self.temperature > 0, "temperature", "must be > 0: the KL to SFT is measured at the sampling "
+                     "temperature, and at 0 (greedy) the log-probs are undefined")
 
 
 def sample_answers(model, prompt_ids, cfg, tok, seed, device):

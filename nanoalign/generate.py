@@ -90,16 +90,17 @@ def logprobs_from_logits(logits, labels):
     return torch.gather(F.log_softmax(upcast(logits), -1), 2, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def entropy_from_logits(logits):
-    """-sum p log p = logsumexp(z) - sum softmax(z) z, per position. (B, T, V) -> (B, T)."""
-    logits = upcast(logits)
+def entropy_from_logits(logits, temperature=1.0):
+    """Entropy of softmax(z / temperature): -sum p log p = logsumexp(z) - sum softmax(z) z, per position.
+    (B, T, V) -> (B, T). The policy's entropy is the one of the distribution it samples from, at its temperature."""
+    logits = upcast(logits) / temperature
     return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
 
 def response_logprobs(logits, tokens, start: int, temperature=1.0):
     """Log-probs of tokens[:, start:] under logits (B, T, V) of the full sequence: logits at start-1+t score token
-    start+t. Returns (B, T-start)."""
-    return logprobs_from_logits(logits[:, start - 1:-1] / temperature, tokens[:, start:])
+    start+t. Returns (B, T-start). Upcast before dividing by the temperature: a bf16 quotient is rounded again."""
+    return logprobs_from_logits(upcast(logits[:, start - 1:-1]) / temperature, tokens[:, start:])
 
 
 def last_true(mask):

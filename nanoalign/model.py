@@ -188,8 +188,14 @@ class GPT(nn.Module):
         h = self.transformer.ln_f(x)  # (B, T, C)
         if output == "logits":
             return self.lm_head(h)  # (B, T, V)
-        scalar = self.scalar_head(h).squeeze(-1)  # (B, T)
+        scalar = self.scalar_on_fp32(h)  # (B, T)
         return scalar if output == "scalar" else (self.lm_head(h), scalar)
+
+    def scalar_on_fp32(self, h):
+        """The scalar head outside autocast, on (at least) fp32 hidden states: under bf16 a reward or value would be
+        rounded to 8 bits of mantissa (+-0.4% of its size), noise in every advantage."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.scalar_head(h.to(torch.promote_types(h.dtype, torch.float32))).squeeze(-1)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -203,10 +209,13 @@ class GPT(nn.Module):
 
 
 def set_dropout(model: nn.Module, p: float = 0.0):
-    """RM, PPO and DPO run with dropout off: with it on, PPO's ratio is not 1 before any update (Ziegler et al.)."""
+    """RM, PPO and DPO run with dropout off: with it on, PPO's ratio is not 1 before any update (Ziegler et al.).
+    Attention dropout is not a module (SDPA takes it as a number), so it is set on the attention layers too."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = p
+        if isinstance(m, CausalSelfAttention):
+            m.dropout = p
     return model
 
 

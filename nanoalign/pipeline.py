@@ -79,6 +79,7 @@ class PipelineConfig:
     rerun: str = ""  # comma-separated stages to re-run even if done ("all" = every stage)
     online_dpo: bool = False  # add an online DPO stage (two rounds with RM labels) after offline DPO
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = ""  # every stage's precision: float32 | bfloat16 ("" = the preset's: bfloat16 in gpu, else float32)
     sweep: bool = False  # after the main stages: the reward-KL frontier and over-optimisation runs, into <out>/sweep
     ppo_betas: str = "0.01,0.02,0.1,0.2"  # sweep: PPO kl_coef values (besides the main run's)
     dpo_betas: str = "0.03,0.3,1.0"  # sweep: DPO beta values (besides the main run's)
@@ -109,7 +110,7 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
     p, out, seed = PRESETS[cfg.preset], cfg.out, str(cfg.seed)
     ck = {s: os.path.join(out, s, "ckpt.pt") for s in ("pretrain", "sft", "rm", "dpo", "ppo", "pretrain_small")}
     w = lambda name: os.path.join(world_dir, name)
-    common_args = {"seed": seed, "device": cfg.device}
+    common_args = {"seed": seed, "device": cfg.device, **({"dtype": cfg.dtype} if cfg.dtype else {})}
     plan = {
         "pretrain": (train_pretrain, {"data": w("pretrain.txt"), "val_data": w("pretrain_val.txt"),
                                       "tokenizer": w(f"tok{p['pretrain'].get('vocab_size', 512)}.tiktoken")}),
@@ -138,7 +139,7 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
         overrides = p.get({"online_dpo": "dpo", "rlvr": "grpo"}.get(name, name), {})  # same sizes as their base
         if name == "pretrain_small":  # the teacher's pretraining, at the student's sizes
             overrides = {**p.get("pretrain", {}), **overrides}
-        args = {**common_args, **args, **{k: str(v) for k, v in overrides.items()}}
+        args = {**args, **{k: str(v) for k, v in overrides.items()}, **common_args}
         if name == "online_dpo":
             args.update(epochs="0", online_rounds="2")
         args["out_dir"] = os.path.join(out, name)

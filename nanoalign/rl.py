@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoalign.common import all_reduce_sum
-from nanoalign.generate import generate, last_true, response_logprobs, upcast
+from nanoalign.common import all_reduce_sum, autocast
+from nanoalign.generate import entropy_from_logits, generate, last_true, response_logprobs, upcast
 from nanoalign.tokenizer import render_chat
 
 
@@ -73,24 +73,56 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy, ref, prompts, end_id, pad_id, max_new_tokens, temperature, generator=None, with_values=False):
-    """Sample responses with the KV cache, then recompute the policy's log-probs (and values) with the training
-    forward on the same padded tensors, so PPO's first ratio is exactly 1 (correctness.md section 5, decision 3)."""
+def rollout(policy, ref, prompts, end_id, pad_id, max_new_tokens, temperature, generator=None, with_values=False,
+            dtype="float32", minibatch=0):
+    """Sample responses with the KV cache, then recompute the policy's log-probs (and values) and the reference's
+    with the training forward on the same padded tensors, under the update's autocast and in chunks of its minibatch
+    size: both sides of every ratio then come from the same kernels at the same shapes, so PPO's first ratio is
+    exactly 1, in bf16 too (on a GPU, a matmul's rounding can depend on the batch size)."""
     tokens, pad_mask, P = generate(policy, prompts, max_new_tokens, end_id, pad_id, temperature,
                                    generator=generator)
     response = tokens[:, P:]
-    response_mask = pad_mask[:, P:]
-    ended = (response == end_id).any(1)
     policy.eval()
-    if with_values:
-        logits, values = policy(tokens, pad_mask=pad_mask, output="both")
-        values = upcast(values[:, P - 1:-1])  # V(s_t) read at the state that predicts response token t
-    else:
-        logits, values = policy(tokens, pad_mask=pad_mask), None
-    logprobs = response_logprobs(logits, tokens, P, temperature)
-    ref_logprobs = response_logprobs(ref(tokens, pad_mask=pad_mask), tokens, P, temperature)
-    return Rollout(tokens, pad_mask, P, response_mask, ended, logprobs, ref_logprobs, values,
+    logprobs, ref_logprobs, values = [], [], []
+    for rows in torch.arange(len(prompts), device=tokens.device).split(minibatch or len(prompts)):
+        t, m = tokens[rows], pad_mask[rows]
+        with autocast(str(tokens.device), dtype):
+            out = policy(t, pad_mask=m, output="both" if with_values else "logits")
+            ref_logits = ref(t, pad_mask=m)
+        logits = out[0] if with_values else out
+        logprobs.append(response_logprobs(logits, t, P, temperature))
+        ref_logprobs.append(response_logprobs(ref_logits, t, P, temperature))
+        if with_values:
+            values.append(out[1][:, P - 1:-1])  # V(s_t) read at the state that predicts response token t
+    return Rollout(tokens, pad_mask, P, response_mask=pad_mask[:, P:], ended=(response == end_id).any(1),
+                   logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs),
+                   values=torch.cat(values) if with_values else None,
                    scores=torch.zeros(tokens.size(0), device=tokens.device))
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, cliprange: float):
+    """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7), written as a loss to minimise:
+    max(-A r, -A clip(r, 1 - eps, 1 + eps)) with r = exp(log pi - log pi_old). Once the ratio leaves the clip range
+    on the side the advantage favours, the max picks the clipped term, a constant: no gradient pushes it further.
+    PPO and GRPO both use it. Returns (per-token loss, ratio, clipped: True where the clipped term was chosen)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    return torch.max(unclipped, clipped), ratio, clipped > unclipped
+
+
+def policy_entropy(logits, temperature: float, with_grad: bool):
+    """Per-token entropy of the sampling distribution softmax(z / temperature). (B, N, V) -> (B, N). Without
+    with_grad (no entropy bonus) it is a statistic only: no graph is kept over the whole vocabulary."""
+    if with_grad:
+        return entropy_from_logits(logits, temperature)
+    with torch.no_grad():
+        return entropy_from_logits(logits.detach(), temperature)
+
+
+def mean_stats(rows: list[dict]) -> dict:
+    """The mean of each named statistic over a list of rows (e.g. one row per minibatch update)."""
+    return {k: torch.stack([torch.as_tensor(r[k]) for r in rows]).mean() for k in rows[0]} if rows else {}
 
 
 def load_reward_model(path: str, device="cpu"):

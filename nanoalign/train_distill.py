@@ -76,7 +76,8 @@ def distill_loss(student_logits, teacher_logits, targets, mask, T: float, alpha:
     ce = F.cross_entropy(upcast(student_logits).transpose(1, 2), targets, reduction="none")  # (B, N) at T = 1
     per_token = alpha * T * T * kl + (1 - alpha) * ce
     m = mask.float()
-    return (per_token * m).sum() / n_tokens, ((kl * m).sum() / m.sum()).item(), ((ce * m).sum() / m.sum()).item()
+    kl_mean, ce_mean = (kl * m).sum().detach() / m.sum(), (ce * m).sum().detach() / m.sum()
+    return (per_token * m).sum() / n_tokens, kl_mean, ce_mean
 
 
 @torch.no_grad()
@@ -93,8 +94,8 @@ def train(cfg: DistillConfig):
     common.set_seed(cfg.seed)
     parent = common.load_checkpoint(cfg.teacher, stages=["sft", "ppo", "dpo", "grpo", "distill"])
     tok = load_tokenizer(parent["tokenizer_path"])
-    teacher = common.build_model(parent, d.device).eval().requires_grad_(False)
-    teacher.scalar_head = None  # a PPO checkpoint carries its value head: not needed here
+    # a PPO checkpoint carries its value head: not needed here
+    teacher = common.build_model(parent, d.device, scalar_head=False).eval().requires_grad_(False)
     if cfg.init == "scratch":
         student = GPT(GPTConfig(teacher.config.block_size, teacher.config.vocab_size, cfg.n_layer, cfg.n_head,
                                 cfg.n_embd)).to(d.device)
@@ -115,8 +116,8 @@ def train(cfg: DistillConfig):
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])  # this rank's stream
     raw_student = student
     student = common.wrap_ddp(student, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
-    stop = common.StopSignal()
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    stop = common.StopSignal(d.device)
     if d.master:
         print(f"teacher {teacher.num_params() / 1e6:.2f}M -> student {raw_student.num_params() / 1e6:.2f}M "
               f"parameters | {cfg.batch_size * d.world} prompts/step | {d.world} rank(s) on {d.device}")
@@ -154,12 +155,12 @@ def train(cfg: DistillConfig):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        g = (common.all_reduce_sum(torch.tensor([loss.item(), kl, ce]).double()) / d.world).tolist()
-        row = {"step": step, "loss": g[0], "kl": g[1], "ce": g[2], "lr": lr, "answer_length": mask.sum(1).float()
-               .mean().item(), "tokens_per_s": n_tokens.item() * d.world / (time.time() - t0)}
+        g = common.global_means({"loss": loss.detach(), "kl": kl, "ce": ce}, d)
+        row = {"step": step, **g, "lr": lr, "answer_length": mask.sum(1).float().mean().item(),
+               "tokens_per_s": n_tokens.item() * d.world / (time.time() - t0)}
         log.log(**row)
         bar.update(1)
-        bar.set_postfix(loss=f"{g[0]:.3f}", kl=f"{g[1]:.3f}")
+        bar.set_postfix(loss=f"{g['loss']:.3f}", kl=f"{g['kl']:.3f}")
         if step % cfg.save_interval == 0:
             save()
         if stop.should_stop():

@@ -11,7 +11,8 @@ response tokens),
     reference-free:                 the reference log-ratio is taken to be 0
 
 The implicit reward of a response is beta * (log pi - log pi_ref) (DPO section 5). Chosen and rejected run through one
-concatenated forward; the reference model's log-probs are computed once per pair under no_grad and memoised.
+concatenated forward. The reference reads the very same batch tensors under the same autocast, without gradients: at
+initialisation h is then exactly 0 and the loss exactly log 2, in bf16 too.
 
 Online (iterative) DPO (--online_rounds R): after the offline pass, R rounds of fresh feedback on the model's own
 outputs: sample two responses per prompt from the current policy, label them with the reward model (or the gold judge,
@@ -37,7 +38,7 @@ from nanoalign import common
 from nanoalign.data import concatenated_batch, load_prefs, load_prompts, tokenize_pref
 from nanoalign.generate import upcast
 from nanoalign.model import set_dropout
-from nanoalign.rl import load_reward_model, reward_function, rollout_pairs
+from nanoalign.rl import load_reward_model, mean_stats, reward_function, rollout_pairs
 from nanoalign.tokenizer import load_tokenizer
 
 
@@ -109,9 +110,20 @@ def sequence_logps(logits, labels):
 
 
 def concatenated_logps(model, pairs, pad_id, device):
+    """(chosen, rejected) sequence log-probs of a batch of pairs, in one forward of 2B rows."""
     tokens, labels, _ = concatenated_batch(pairs, pad_id, device)
     logps = sequence_logps(model(tokens), labels)  # (2B,); right-padded, so no attention mask is needed (model.py)
     return logps[:len(pairs)], logps[len(pairs):]
+
+
+def policy_and_reference_logps(policy, ref, pairs, pad_id, device, dtype):
+    """The four sequence log-probs of the DPO loss. The reference reads the very same batch tensors under the
+    same autocast as the policy (without gradients): at initialisation h is then exactly 0, in bf16 too."""
+    with torch.no_grad(), common.autocast(device, dtype):
+        ref_chosen, ref_rejected = concatenated_logps(ref, pairs, pad_id, device)
+    with common.autocast(device, dtype):
+        chosen, rejected = concatenated_logps(policy, pairs, pad_id, device)
+    return chosen, rejected, ref_chosen, ref_rejected
 
 
 def train(cfg: DPOConfig):
@@ -119,7 +131,8 @@ def train(cfg: DPOConfig):
     common.set_seed(cfg.seed)
     parent = common.load_checkpoint(cfg.init, stages=["sft", "dpo", "ppo", "grpo"])
     tok = load_tokenizer(parent["tokenizer_path"])
-    policy = set_dropout(common.build_model(parent, d.device), 0.0)
+    # a PPO parent's value head is dropped: DPO never reads it, and DDP stops on an unused parameter
+    policy = set_dropout(common.build_model(parent, d.device, scalar_head=False), 0.0)
     policy = common.with_precision(policy, cfg.dtype)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     max_len = cfg.max_len or policy.config.block_size
@@ -133,19 +146,10 @@ def train(cfg: DPOConfig):
         ckpt = common.load_checkpoint(ckpt_path, stages=["dpo"], tokenizer=tok.name)
         step = common.restore(ckpt, policy, optimizer, d)
     policy = common.wrap_ddp(policy, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
-    stop = common.StopSignal()
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    stop = common.StopSignal(d.device)
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
-    ref_memo = {}  # (round, pair index) -> reference log-probs: the reference is frozen, compute each pair once
-
-    def ref_logps(key, pairs):
-        todo = [i for i, k in enumerate(key) if k not in ref_memo]
-        if todo:
-            with torch.no_grad():
-                c, r = concatenated_logps(ref, [pairs[i] for i in todo], tok.pad_id, d.device)
-            for j, i in enumerate(todo):
-                ref_memo[key[i]] = (c[j], r[j])
-        return torch.stack([ref_memo[k][0] for k in key]), torch.stack([ref_memo[k][1] for k in key])
+    val_ref = {}  # validation chunk -> the reference's log-probs: the same chunks every time, computed once
 
     def save():
         common.save_stage(ckpt_path, d, "dpo", raw_policy, optimizer, step, cfg, tok, parent["tokenizer_path"],
@@ -158,7 +162,9 @@ def train(cfg: DPOConfig):
         for i in range(0, len(val_set), 64):
             pairs = val_set[i:i + 64]
             pc, pr = concatenated_logps(raw_policy, pairs, tok.pad_id, d.device)
-            rc, rr = ref_logps([("val", i + j) for j in range(len(pairs))], pairs)
+            if i not in val_ref:
+                val_ref[i] = concatenated_logps(ref, pairs, tok.pad_id, d.device)
+            rc, rr = val_ref[i]
             _, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta)
             acc.append((cr > rj).float())
             margin.append(cr - rj)
@@ -177,32 +183,32 @@ def train(cfg: DPOConfig):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = common.batch_indices(len(pairs), step - first, per_rank if local else global_batch, seed)
-            stats = torch.zeros(6)
+            micro_stats = []
             for micro in range(cfg.grad_accum):
                 rows = idx[micro * cfg.batch_size:(micro + 1) * cfg.batch_size] if local else \
                     common.rank_rows(idx, micro, d, cfg.batch_size)
                 batch = [pairs[i] for i in rows]
-                rc, rr = ref_logps([(tag, i) for i in rows], batch)
                 sync = micro == cfg.grad_accum - 1
-                with common.no_sync_unless(policy, d, sync), common.autocast(d.device, cfg.dtype):
-                    pc, pr = concatenated_logps(policy, batch, tok.pad_id, d.device)
+                with common.no_sync_unless(policy, d, sync):
+                    pc, pr, rc, rr = policy_and_reference_logps(policy, ref, batch, tok.pad_id, d.device,
+                                                                cfg.dtype)
                     losses, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing, cfg.ipo,
                                               cfg.reference_free)
                 (losses.mean() / cfg.grad_accum).backward()  # equal pairs per micro-batch and rank: mean of means
-                stats += torch.tensor([losses.mean().item(), cr.mean().item(), rj.mean().item(),
-                                       (cr > rj).float().mean().item(), pc.mean().item(), pr.mean().item()])
+                micro_stats.append({"loss": losses.detach().mean(), "rewards/chosen": cr.mean(),
+                                    "rewards/rejected": rj.mean(), "rewards/accuracies": (cr > rj).float().mean(),
+                                    "rewards/margins": (cr - rj).mean(), "logps/chosen": pc.detach().mean(),
+                                    "logps/rejected": pr.detach().mean()})
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            s = (common.all_reduce_sum(stats) / (d.world * cfg.grad_accum)).tolist()
+            s = common.global_means(mean_stats(micro_stats), d)
             dt, t0 = time.time() - t0, time.time()
-            row = {"step": step, "phase": tag, "loss": s[0], "rewards/chosen": s[1], "rewards/rejected": s[2],
-                   "rewards/accuracies": s[3], "rewards/margins": s[1] - s[2], "logps/chosen": s[4],
-                   "logps/rejected": s[5], "lr": lr, "pairs_per_s": global_batch / dt}
+            row = {"step": step, "phase": tag, **s, "lr": lr, "pairs_per_s": global_batch / dt}
             bar.update(1)
-            bar.set_postfix(loss=f"{s[0]:.3f}", margin=f"{s[1] - s[2]:.2f}")
+            bar.set_postfix(loss=f"{s['loss']:.3f}", margin=f"{s['rewards/margins']:.2f}")
             evaluate = val_set and (step % cfg.eval_interval == 0 or step == first + n_steps)
             if evaluate:
                 row.update(validate())
@@ -221,11 +227,16 @@ def train(cfg: DPOConfig):
         pairs = online_pairs(cfg, d, tok, raw_policy, rnd, max_len)
         if cfg.online_update_ref:  # iterative DPO: the policy of the last round becomes the new reference
             ref.load_state_dict(raw_policy.state_dict())
-            ref_memo.clear()
-        n_steps = torch.tensor(max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum)), device=d.device)
-        if d.ddp:  # ranks drop different numbers of ties, but must take the same number of steps (or DDP hangs)
-            torch.distributed.all_reduce(n_steps, op=torch.distributed.ReduceOp.MIN)
-        if not run_pass(pairs, f"online{rnd}", step, int(n_steps), cfg.seed + 1 + rnd, local=True):
+            val_ref.clear()
+        # ranks drop different numbers of ties, but must take the same number of steps (or DDP waits forever);
+        # a rank left without pairs (every one a tie) makes the whole round skip
+        n_local = max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum)) if pairs else 0
+        n_steps = common.all_reduce_min(n_local, d.device)
+        if n_steps == 0:
+            if d.master:
+                print(f"online round {rnd}: a rank has no pairs (every sampled pair was a tie): round skipped")
+            continue
+        if not run_pass(pairs, f"online{rnd}", step, n_steps, cfg.seed + 1 + rnd, local=True):
             break
     save()
     common.cleanup_dist()

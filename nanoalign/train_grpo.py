@@ -36,9 +36,10 @@ if __package__ in (None, ""):
 
 from nanoalign import common
 from nanoalign.data import load_prompts, load_verifiable
-from nanoalign.generate import entropy_from_logits, response_logprobs
+from nanoalign.generate import response_logprobs
 from nanoalign.model import set_dropout
-from nanoalign.rl import kl_estimates, make_scorer, masked_mean, masked_sum, rollout
+from nanoalign.rl import (clipped_surrogate, kl_estimates, make_scorer, masked_mean, masked_sum, mean_stats,
+                          policy_entropy, rollout)
 from nanoalign.tokenizer import load_tokenizer, render_chat
 
 
@@ -68,9 +69,9 @@ class GRPOConfig:
     grad_clip: float = 1.0  # clip the global gradient norm
     log_gold: bool = True  # also score rollouts with the built-in world's gold judge (logging only)
     save_interval: int = 20  # iterations between checkpoints
-    seed: int = 0  # prompt order and sampling
+    seed: int = 0  # sampling and minibatch order (prompts are taken in file order)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; log-probs stay fp32)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; log-probs and losses in fp32)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     strict: bool = False  # stop on any warning of the run doctor (common.Doctor), not only on a NaN loss
     stop_at: int = 0  # stop with a checkpoint after this iteration (0 = run to the end)
@@ -97,33 +98,31 @@ def group_advantages(rewards, estimator: str = "grpo", scale_by_std: bool = True
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, norm):
-    """PPO's clipped surrogate per token, reduced as `norm` says. norm = ("token", n_tokens) divides the masked sum by
-    the global token count; ("sequence", n_seqs) averages each response's token mean over the global response count.
-    logprobs, old_logprobs, mask (B, N); advantages (B,) broadcast over tokens."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages[:, None]
-    unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    per_token = torch.max(unclipped, clipped)
+    """PPO's clipped surrogate per token (rl.clipped_surrogate), reduced as `norm` says. norm = ("token", n_tokens)
+    divides the masked sum by the global token count; ("sequence", n_seqs) averages each response's token mean over
+    the global response count. logprobs, old_logprobs, mask (B, N); advantages (B,) broadcast over tokens.
+    Returns (loss, statistics by name: detached tensors)."""
+    per_token, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages[:, None], cliprange)
     kind, count = norm
     if kind == "token":
         loss = masked_sum(per_token, mask) / count
     else:
         loss = masked_mean(per_token, mask, dim=1).sum() / count
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    return loss, {"clipfrac": clipfrac.item(), "ratio": masked_mean(ratio, mask).item()}
+    return loss, {"clipfrac": masked_mean(clipped.float(), mask), "ratio": masked_mean(ratio.detach(), mask)}
 
 
 def grpo_update(policy, optimizer, ro, advantages, keep, cfg: GRPOConfig, it: int, d: common.Dist):
     """Several epochs of clipped updates over shuffled minibatches of whole groups; `keep` (B,) masks out dropped
     groups. Losses are normalised by global counts (all ranks), so N ranks equal one process. A minibatch whose groups
     were all dropped is skipped: no optimizer step, since Adam's momentum would move the weights even with zero
-    gradients. Returns (mean [loss, entropy, clipfrac, ratio] over the updates made or None if none, last lr)."""
+    gradients. Returns (the statistics of every update made, by name: an empty list if none; the last lr)."""
     n_prompts, G, mask = cfg.prompts_per_iter, cfg.group_size, ro.response_mask
     total_updates = cfg.iterations * cfg.ppo_epochs * cfg.minibatches
     policy.train()
-    stats = []
+    updates = []
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed + it * 997 + epoch))
+        seed = cfg.seed + it * 997 + epoch
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed))
         for k in range(cfg.minibatches):
             groups = perm[k * n_prompts // cfg.minibatches:(k + 1) * n_prompts // cfg.minibatches]
             mb = (groups[:, None] * G + torch.arange(G)).view(-1).to(mask.device)
@@ -143,15 +142,15 @@ def grpo_update(policy, optimizer, ro, advantages, keep, cfg: GRPOConfig, it: in
                                           (cfg.loss_norm, count))
             if cfg.kl_in_loss:  # k3(pi, pi_ref) per token, with gradient (GRPO eq. 3)
                 k3 = kl_estimates(logprobs, ro.ref_logprobs[mb])[2]
-                loss = loss + cfg.kl_coef * masked_sum(k3, m) / count if cfg.loss_norm == "token" else \
-                    loss + cfg.kl_coef * masked_mean(k3, m, dim=1).sum() / count
+                per_response = masked_sum(k3, m) if cfg.loss_norm == "token" else masked_mean(k3, m, dim=1).sum()
+                loss = loss + cfg.kl_coef * per_response / count
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            entropy = masked_mean(entropy_from_logits(logits[:, ro.P - 1:-1].detach()), m)
-            stats.append([loss.item(), entropy.item(), s["clipfrac"], s["ratio"]])
-    return (torch.tensor(stats).mean(0).tolist() if stats else None), lr
+            entropy = policy_entropy(logits[:, ro.P - 1:-1], cfg.temperature, with_grad=False)
+            updates.append({"loss": loss.detach(), "entropy": masked_mean(entropy, m), **s})
+    return updates, lr
 
 
 def train(cfg: GRPOConfig):
@@ -159,8 +158,8 @@ def train(cfg: GRPOConfig):
     common.set_seed(cfg.seed)
     parent = common.load_checkpoint(cfg.init, stages=["sft", "grpo", "ppo", "dpo"])
     tok = load_tokenizer(parent["tokenizer_path"])
-    policy = set_dropout(common.build_model(parent, d.device), 0.0)
-    policy.scalar_head = None  # no value head: the group is the baseline
+    # no value head (a PPO parent's is dropped): the group is the baseline
+    policy = set_dropout(common.build_model(parent, d.device, scalar_head=False), 0.0)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     records = load_verifiable(cfg.prompts) if cfg.reward == "verifiable" else \
         [{"prompt": m} for m in load_prompts(cfg.prompts)]
@@ -180,8 +179,8 @@ def train(cfg: GRPOConfig):
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])  # this rank's stream
     raw_policy = policy
     policy = common.wrap_ddp(policy, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
-    stop = common.StopSignal()
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, it if cfg.resume else None)
+    stop = common.StopSignal(d.device)
 
     def save():
         gens = common.generator_states(generator, d)
@@ -195,8 +194,9 @@ def train(cfg: GRPOConfig):
         # 1. group rollouts: each of this rank's prompts G times (a group never straddles two ranks)
         first = (it * d.world + d.rank) * n_prompts
         idx = [(first + i) % len(records) for i in range(n_prompts) for _ in range(G)]
-        ro = rollout(raw_policy, ref, [prompt_ids[i] for i in idx], tok.end_id, tok.pad_id, cfg.max_new_tokens,
-                     cfg.temperature, generator)
+        ro = rollout(raw_policy, ref, [prompt_ids[i] for i in idx], tok.end_id, tok.pad_id,
+                     cfg.max_new_tokens, cfg.temperature, generator, dtype=cfg.dtype,
+                     minibatch=n_prompts // cfg.minibatches * G)
         batch = [records[i] for i in idx]
         scores = score_fn([r["prompt"] for r in batch], ro, [r.get("answer") for r in batch])
         if cfg.reward != "verifiable":
@@ -213,22 +213,22 @@ def train(cfg: GRPOConfig):
             keep = ~equal.repeat_interleave(G)
 
         # 3. clipped updates over minibatches of whole groups
-        stats, lr = grpo_update(policy, optimizer, ro, advantages, keep, cfg, it, d)
+        updates, lr = grpo_update(policy, optimizer, ro, advantages, keep, cfg, it, d)
         it += 1
 
         # 4. statistics over all ranks, logging
-        gold = gold_fn([r["prompt"] for r in batch], ro) if gold_fn else torch.zeros_like(scores)
-        local = torch.tensor([scores.mean(), gold.mean(), seq_kl.mean(), ro.ended.float().mean(),
-                              mask.sum(1).float().mean(), equal.float().mean(), *(stats or [0.0] * 4)]).double()
-        g = (common.all_reduce_sum(local) / d.world).tolist()
-        row = {"iter": it, "score": g[0], "gold": g[1] if gold_fn else None, "kl": g[2], "end_rate": g[3],
-               "length": g[4], "zero_variance_groups": g[5], "loss": g[6], "entropy": g[7], "clipfrac": g[8],
-               "ratio": g[9], "lr": lr, "iter_s": time.time() - t0}
-        if stats is None:  # no update this iteration (every group dropped): nothing to report
-            row.update(loss=None, entropy=None, clipfrac=None, ratio=None)
+        gold = gold_fn([r["prompt"] for r in batch], ro) if gold_fn else None
+        # every rank made the same updates (the skip test is global), so each has the same statistics' names
+        no_update = dict.fromkeys(["loss", "entropy", "clipfrac", "ratio"])  # logged as null
+        g = common.global_means({"score": scores.mean(), "gold": gold.mean() if gold_fn else None,
+                                 "kl": seq_kl.mean(), "end_rate": ro.ended.float().mean(),
+                                 "length": mask.sum(1).float().mean(),
+                                 "zero_variance_groups": equal.float().mean(),
+                                 **(mean_stats(updates) or no_update)}, d)
+        row = {"iter": it, **g, "lr": lr, "iter_s": time.time() - t0}
         log.log(**row)
         bar.update(1)
-        bar.set_postfix(score=f"{g[0]:.2f}", kl=f"{g[2]:.2f}")
+        bar.set_postfix(score=f"{g['score']:.2f}", kl=f"{g['kl']:.2f}")
         if it % cfg.save_interval == 0:
             save()
         if stop.should_stop():

@@ -40,9 +40,10 @@ if __package__ in (None, ""):
 
 from nanoalign import common
 from nanoalign.data import load_prompts
-from nanoalign.generate import entropy_from_logits, response_logprobs, upcast
+from nanoalign.generate import response_logprobs
 from nanoalign.model import set_dropout
-from nanoalign.rl import kl_estimates, make_scorer, masked_mean, masked_sum, masked_whiten, rollout
+from nanoalign.rl import (clipped_surrogate, kl_estimates, make_scorer, masked_mean, masked_sum, masked_whiten,
+                          mean_stats, policy_entropy, rollout)
 from nanoalign.tokenizer import load_tokenizer, render_chat
 
 
@@ -76,9 +77,9 @@ class PPOConfig:
     log_gold: bool = True  # also score rollouts with the built-in world's gold judge (logging only)
     sample_interval: int = 10  # iterations between printed samples
     save_interval: int = 20  # iterations between checkpoints
-    seed: int = 0  # prompt order and sampling
+    seed: int = 0  # sampling and minibatch order (prompts are taken in file order)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; log-probs stay fp32)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; log-probs, losses and the value head in fp32)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     strict: bool = False  # stop on any warning of the run doctor (common.Doctor), not only on a NaN loss
     stop_at: int = 0  # stop with a checkpoint after this iteration (0 = run to the end)
@@ -123,19 +124,18 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, n_tokens, cliprange,
              cliprange_value, vf_coef):
     """Clipped surrogate + clipped value loss (Schulman et al. 2017; OpenAI baselines ppo2), summed over the valid
-    tokens and divided by n_tokens (the minibatch's token count over all ranks). All (B, N) except n_tokens."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    pg_unclipped = -advantages * ratio
-    pg_clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    pg_loss = masked_sum(torch.max(pg_unclipped, pg_clipped), mask) / n_tokens
+    tokens and divided by n_tokens (the minibatch's token count over all ranks). All (B, N) except n_tokens.
+    Returns (loss, pg_loss, vf_loss, statistics by name: detached tensors, means over this minibatch's tokens)."""
+    pg, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)
+    pg_loss = masked_sum(pg, mask) / n_tokens
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    vf_loss = 0.5 * masked_sum(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask) / n_tokens
-    stats = {"clipfrac": masked_mean((pg_clipped > pg_unclipped).float(), mask).item(),
-             "approxkl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask).item(),
-             "vf_clipfrac": masked_mean(((values - returns) ** 2 < (values_clipped - returns) ** 2).float(),
-                                        mask).item(),
-             "ratio": masked_mean(ratio, mask).item()}
-    return pg_loss + vf_coef * vf_loss, pg_loss, vf_loss, stats
+    vf_unclipped, vf_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_sum(torch.max(vf_unclipped, vf_clipped), mask) / n_tokens
+    stats = {"clipfrac": masked_mean(clipped.float(), mask),
+             "approxkl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask),
+             "vf_clipfrac": masked_mean((vf_clipped > vf_unclipped).float(), mask),
+             "ratio": masked_mean(ratio, mask)}
+    return pg_loss + vf_coef * vf_loss, pg_loss, vf_loss, {k: v.detach() for k, v in stats.items()}
 
 
 def adaptive_kl_update(kl_coef, kl, kl_target, n_steps, horizon):
@@ -157,16 +157,19 @@ def advantages_and_returns(ro, scores, kl_coef: float, cfg: PPOConfig):
 
 def ppo_update(policy, optimizer, ro, advantages, returns, cfg: PPOConfig, it: int, d: common.Dist):
     """ppo_epochs passes over the rollout in shuffled minibatches, one optimizer step each. Token means are global:
-    each minibatch's loss is divided by its token count summed over ranks, so 2 ranks step exactly as 1 process."""
+    each minibatch's loss is divided by its token count summed over ranks, so 2 ranks step exactly as 1 process.
+    Returns (the statistics of every minibatch update, by name; the last learning rate)."""
     policy.train()
-    mb_size, stats = cfg.batch_size // cfg.minibatches, []
+    mb_size, updates = cfg.batch_size // cfg.minibatches, []
     total_updates = cfg.iterations * cfg.ppo_epochs * cfg.minibatches
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed + it * 997 + epoch))
+        seed = cfg.seed + it * 997 + epoch
+        perm = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(seed))
         for k in range(cfg.minibatches):
             mb = perm[k * mb_size:(k + 1) * mb_size].to(ro.tokens.device)
             m = ro.response_mask[mb]
-            n_tokens = common.all_reduce_sum(m.sum().float()) / d.world  # / world: DDP then averages the gradients
+            # / world: DDP averages the gradients over ranks, and we want their sum
+            n_tokens = common.all_reduce_sum(m.sum().float()) / d.world
             lr = common.lr_at((it * cfg.ppo_epochs + epoch) * cfg.minibatches + k, total_updates, cfg.lr,
                               schedule="linear")
             for group in optimizer.param_groups:
@@ -174,17 +177,19 @@ def ppo_update(policy, optimizer, ro, advantages, returns, cfg: PPOConfig, it: i
             with common.autocast(d.device, cfg.dtype):
                 logits, values = policy(ro.tokens[mb], pad_mask=ro.pad_mask[mb], output="both")
             new_logprobs = response_logprobs(logits, ro.tokens[mb], ro.P, cfg.temperature)
-            new_values = upcast(values[:, ro.P - 1:-1])
-            loss, pg_loss, vf_loss, s = ppo_loss(new_logprobs, ro.logprobs[mb], advantages[mb], new_values,
-                                                 ro.values[mb], returns[mb], m, n_tokens, cfg.cliprange,
-                                                 cfg.cliprange_value, cfg.vf_coef)
-            entropy = masked_mean(entropy_from_logits(logits[:, ro.P - 1:-1]), m)
-            (loss - cfg.ent_coef * entropy).backward()
+            loss, pg_loss, vf_loss, s = ppo_loss(new_logprobs, ro.logprobs[mb], advantages[mb],
+                                                 values[:, ro.P - 1:-1], ro.values[mb], returns[mb], m,
+                                                 n_tokens, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef)
+            entropy = policy_entropy(logits[:, ro.P - 1:-1], cfg.temperature, cfg.ent_coef > 0)
+            if cfg.ent_coef > 0:  # a bonus, normalised like the loss: by the global token count
+                loss = loss - cfg.ent_coef * masked_sum(entropy, m) / n_tokens
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            stats.append([pg_loss.item(), vf_loss.item(), entropy.item(), s["clipfrac"], s["approxkl"], s["ratio"]])
-    return stats, lr
+            updates.append({"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+                            "entropy": masked_mean(entropy.detach(), m), **s})
+    return updates, lr
 
 
 def train(cfg: PPOConfig):
@@ -213,8 +218,8 @@ def train(cfg: PPOConfig):
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])  # this rank's stream
     raw_policy = policy
     policy = common.wrap_ddp(policy, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
-    stop = common.StopSignal()
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, it if cfg.resume else None)
+    stop = common.StopSignal(d.device)
 
     def save():
         gens = common.generator_states(generator, d)
@@ -228,8 +233,9 @@ def train(cfg: PPOConfig):
         # 1. rollout: this rank's prompts, sampled with the KV cache, then scored (all without gradients)
         first = (it * d.world + d.rank) * cfg.batch_size
         batch_idx = [(first + i) % len(prompts) for i in range(cfg.batch_size)]
-        ro = rollout(raw_policy, ref, [prompt_ids[i] for i in batch_idx], tok.end_id, tok.pad_id, cfg.max_new_tokens,
-                     cfg.temperature, generator, with_values=True)
+        ro = rollout(raw_policy, ref, [prompt_ids[i] for i in batch_idx], tok.end_id, tok.pad_id,
+                     cfg.max_new_tokens, cfg.temperature, generator, with_values=True, dtype=cfg.dtype,
+                     minibatch=cfg.batch_size // cfg.minibatches)
         batch_prompts = [prompts[i] for i in batch_idx]
         scores = score_fn(batch_prompts, ro)
         scores = torch.where(ro.ended, scores, torch.full_like(scores, cfg.no_end_penalty))  # the EOS trick
@@ -240,7 +246,7 @@ def train(cfg: PPOConfig):
         mask = ro.response_mask
 
         # 3. PPO epochs over shuffled minibatches
-        stats, lr = ppo_update(policy, optimizer, ro, advantages, returns, cfg, it, d)
+        updates, lr = ppo_update(policy, optimizer, ro, advantages, returns, cfg, it, d)
         it += 1
 
         # 4. statistics over all ranks, the KL controller, logging
@@ -248,19 +254,18 @@ def train(cfg: PPOConfig):
         k3 = masked_sum(kl_estimates(ro.logprobs, ro.ref_logprobs)[2], mask, 1)
         residual, target = (returns - ro.values)[mask], returns[mask]
         explained_var = 1 - residual.var(unbiased=False) / target.var(unbiased=False).clamp(min=1e-8)
-        gold = gold_fn(batch_prompts, ro) if gold_fn else torch.zeros_like(scores)
-        local = torch.tensor([scores.mean(), gold.mean(), seq_kl.mean(), k3.mean(), ro.ended.float().mean(),
-                              mask.sum(1).float().mean(), explained_var, *torch.tensor(stats).mean(0)]).double()
-        g = (common.all_reduce_sum(local) / d.world).tolist()
+        gold = gold_fn(batch_prompts, ro) if gold_fn else None
+        g = common.global_means({"score": scores.mean(), "gold": gold.mean() if gold_fn else None,
+                                 "kl": seq_kl.mean(), "kl_k3": k3.mean(), "end_rate": ro.ended.float().mean(),
+                                 "length": mask.sum(1).float().mean(), "explained_variance": explained_var,
+                                 **mean_stats(updates)}, d)
         if cfg.adaptive_kl:  # every rank applies the same all-reduced KL, so beta stays identical everywhere
-            kl_coef = adaptive_kl_update(kl_coef, g[2], cfg.kl_target, cfg.batch_size * d.world, cfg.kl_horizon)
-        row = {"iter": it, "score": g[0], "gold": g[1] if gold_fn else None, "kl": g[2], "kl_k3": g[3],
-               "end_rate": g[4], "length": g[5], "explained_variance": g[6], "pg_loss": g[7], "vf_loss": g[8],
-               "entropy": g[9], "clipfrac": g[10], "approxkl": g[11], "ratio": g[12], "kl_coef": kl_coef, "lr": lr,
-               "rollout_s": t_rollout, "iter_s": time.time() - t0}
+            kl_coef = adaptive_kl_update(kl_coef, g["kl"], cfg.kl_target, cfg.batch_size * d.world,
+                                         cfg.kl_horizon)
+        row = {"iter": it, **g, "kl_coef": kl_coef, "lr": lr, "rollout_s": t_rollout, "iter_s": time.time() - t0}
         log.log(**row)
         bar.update(1)
-        bar.set_postfix(score=f"{g[0]:.2f}", gold=f"{g[1]:.2f}", kl=f"{g[2]:.2f}")
+        bar.set_postfix(score=f"{g['score']:.2f}", kl=f"{g['kl']:.2f}")
         if d.master and cfg.sample_interval and it % cfg.sample_interval == 0:
             tqdm.write(f"iter {it}: {tok.decode(ro.tokens[0].tolist())!r} score {scores[0].item():+.2f}")
         if it % cfg.save_interval == 0:

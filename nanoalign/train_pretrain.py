@@ -69,8 +69,6 @@ class PretrainConfig:
         common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
         common.check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} not divisible by n_head {self.n_head}")
         common.check(self.gelu in ("tanh", "none"), "gelu", "'tanh' or 'none'")
-        common.check(self.dtype in ("float32", "bfloat16", "float16", "float64"), "dtype",
-                     "float32, bfloat16, float16 or float64")
         common.check(self.lr > 0, "lr", "must be > 0")
         common.check(self.init_from == "scratch" or self.tokenizer == "gpt2" or os.path.isdir(self.tokenizer),
                      "tokenizer", "GPT-2 weights need GPT-2's tokenizer: the directory with vocab.json and merges.txt")
@@ -130,8 +128,7 @@ def train(cfg: PretrainConfig):
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
     tok = get_tokenizer(cfg) if d.master else None
-    if d.ddp:
-        torch.distributed.barrier()  # rank 0 may have trained the tokenizer or written the token cache
+    common.barrier()  # rank 0 may have trained the tokenizer or written the token cache
     tok = tok or get_tokenizer(cfg)
     data = tokenize_file(cfg.data, tok)
     val_data = tokenize_file(cfg.val_data, tok) if cfg.val_data else data[int(0.95 * len(data)):]
@@ -162,8 +159,8 @@ def train(cfg: PretrainConfig):
         model = torch.compile(model)
     model = common.wrap_ddp(model, d)
 
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
-    stop = common.StopSignal()
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    stop = common.StopSignal(d.device)
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     tokens_per_step = global_batch * cfg.block_size
     if d.master:
@@ -180,7 +177,7 @@ def train(cfg: PretrainConfig):
         lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=d.device)  # a tensor: no host sync per micro-batch
         for micro in range(cfg.grad_accum):
             x, y = get_batch(data, step, cfg, micro, d, global_batch)
             sync = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-batch (no_sync before)
@@ -188,14 +185,14 @@ def train(cfg: PretrainConfig):
                 logits = model(x)  # (B, T, V)
                 loss = F.cross_entropy(upcast(logits).flatten(0, 1), y.flatten()) / cfg.grad_accum
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dt, t0 = time.time() - t0, time.time()
-        loss_avg = common.all_reduce_sum(torch.tensor([loss_sum])).item() / d.world
+        loss_avg = common.all_reduce_sum(loss_sum).item() / d.world
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
         row = dict(step=step, loss=loss_avg, lr=lr, tokens_per_s=tokens_per_step / dt)

@@ -32,7 +32,7 @@ from nanoalign import common
 from nanoalign.data import concatenated_batch, load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
 from nanoalign.generate import upcast
 from nanoalign.model import set_dropout
-from nanoalign.rl import score_last_token
+from nanoalign.rl import mean_stats, score_last_token
 from nanoalign.tokenizer import load_tokenizer
 
 
@@ -70,10 +70,11 @@ class RMConfig:
 
 
 def bt_loss(chosen_rewards, rejected_rewards, margin: float = 0.0):
-    """Bradley-Terry loss and metrics. chosen_rewards, rejected_rewards: (B,). Accuracy is strict (ties count wrong)."""
+    """Bradley-Terry loss and metrics (detached tensors). chosen_rewards, rejected_rewards: (B,). Accuracy is strict
+    (ties count wrong)."""
     diff = chosen_rewards - rejected_rewards
     loss = -F.logsigmoid(diff - margin).mean()
-    return loss, {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item()}
+    return loss, {"accuracy": (diff > 0).float().mean(), "margin": diff.detach().mean()}
 
 
 def pair_rewards(model, pairs, pad_id, device, offset=0.0):
@@ -145,8 +146,8 @@ def train(cfg: RMConfig):
         step = common.restore(common.load_checkpoint(ckpt_path, stages=["rm"], tokenizer=tok.name), model, optimizer, d)
     raw_model = model
     model = common.wrap_ddp(model, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
-    stop = common.StopSignal()
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    stop = common.StopSignal(d.device)
     if d.master:
         print(f"reward model on {len(train_set):,} pairs ({len(val_set):,} val) | {max_steps} steps of "
               f"{global_batch} pairs")
@@ -162,7 +163,7 @@ def train(cfg: RMConfig):
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = [train_set[i] for i in common.batch_indices(len(train_set), step, global_batch, cfg.seed)]
-        stats = torch.zeros(3)
+        micro_stats = []
         for micro in range(cfg.grad_accum):
             pairs = common.rank_rows(rows, micro, d, cfg.batch_size)
             sync = micro == cfg.grad_accum - 1
@@ -170,17 +171,17 @@ def train(cfg: RMConfig):
                 chosen, rejected = pair_rewards(model, pairs, tok.pad_id, d.device)
                 loss, m = bt_loss(chosen, rejected, cfg.margin)
             (loss / cfg.grad_accum).backward()  # equal pairs per micro-batch and rank: the mean of means is the mean
-            stats += torch.tensor([loss.item(), m["accuracy"], m["margin"]]) / cfg.grad_accum
+            micro_stats.append({"loss": loss.detach(), **m})
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_v, acc, margin = (common.all_reduce_sum(stats) / d.world).tolist()
+        s = common.global_means(mean_stats(micro_stats), d)
         dt, t0 = time.time() - t0, time.time()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc:.2f}")
-        row = dict(step=step, loss=loss_v, accuracy=acc, margin=margin, lr=lr, pairs_per_s=global_batch / dt)
+        bar.set_postfix(loss=f"{s['loss']:.3f}", acc=f"{s['accuracy']:.2f}")
+        row = dict(step=step, **s, lr=lr, pairs_per_s=global_batch / dt)
         if val_set and d.master and (step % cfg.eval_interval == 0 or step == max_steps):
             row.update(evaluate_pairs(raw_model, val_set, val_gold, tok.pad_id, d.device))
             tqdm.write(f"step {step}: val accuracy {row['val_accuracy']:.3f}"

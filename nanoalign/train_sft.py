@@ -102,7 +102,8 @@ def train(cfg: SFTConfig):
     common.set_seed(cfg.seed)
     parent = common.load_checkpoint(cfg.init, stages=["pretrain", "sft", "distill", "dpo", "ppo", "grpo"])
     tok = load_tokenizer(parent["tokenizer_path"])
-    model = set_dropout(common.build_model(parent, d.device), cfg.dropout)
+    # a PPO parent's value head is dropped: SFT never reads it, and DDP stops on an unused parameter
+    model = set_dropout(common.build_model(parent, d.device, scalar_head=False), cfg.dropout)
     model = common.with_precision(model, cfg.dtype)
     max_len = cfg.max_len or model.config.block_size
     common.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the model's block_size")
@@ -121,8 +122,8 @@ def train(cfg: SFTConfig):
         model = torch.compile(model)
     model = common.wrap_ddp(model, d)
 
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, resume=cfg.resume)
-    stop = common.StopSignal()
+    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    stop = common.StopSignal(d.device)
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     if d.master:
         print(f"SFT on {len(train_set):,} examples ({len(val_set):,} val) | {global_batch} examples/step | "
@@ -147,7 +148,7 @@ def train(cfg: SFTConfig):
             group["lr"] = lr
         rows = [train_set[i] for i in common.batch_indices(len(train_set), step, global_batch, cfg.seed)]
         n_tokens = max(1, sum(n_trained(ex) for ex in rows))  # global count: every rank sees the whole batch's ids
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=d.device)  # a tensor: no host sync per micro-batch
         for micro in range(cfg.grad_accum):
             tokens, labels = collate(common.rank_rows(rows, micro, d, cfg.batch_size), tok.pad_id, d.device)
             sync = micro == cfg.grad_accum - 1
@@ -155,13 +156,13 @@ def train(cfg: SFTConfig):
                 # x world: DDP averages gradients over ranks, we want the sum of every rank's share of the global mean
                 loss = sft_loss(model(tokens), labels, n_tokens) * d.world
             loss.backward()
-            loss_sum += loss.item() / d.world
+            loss_sum += loss.detach() / d.world
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_all = common.all_reduce_sum(torch.tensor([loss_sum])).item()
+        loss_all = common.all_reduce_sum(loss_sum).item()
         dt, t0 = time.time() - t0, time.time()
         bar.update(1)
         bar.set_postfix(loss=f"{loss_all:.3f}")

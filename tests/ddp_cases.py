@@ -50,6 +50,13 @@ STAGES = {
     "distill": (train_distill, lambda r, world_size: [
         "--teacher", ck(r, "ppo"), "--init", ck(r, "pretrain_small"), "--prompts", w(r, "prompts_rl.jsonl"),
         "--max_steps", "2", "--batch_size", "2", "--max_new_tokens", "10", "--save_interval", "100"]),
+    # a PPO policy carries a value head that SFT and DPO never read: DDP must not see it (or step 2 stops)
+    "sft_from_ppo": (train_sft, lambda r, world_size: [
+        "--init", ck(r, "ppo"), "--data", w(r, "sft_train.jsonl"), "--val_data", "", "--max_steps", "3",
+        "--eval_interval", "100", "--batch_size", str(GLOBAL // world_size)]),
+    "dpo_from_ppo": (train_dpo, lambda r, world_size: [
+        "--init", ck(r, "ppo"), "--data", w(r, "prefs_train.jsonl"), "--val_data", "", "--epochs", "0.06",
+        "--eval_interval", "100", "--batch_size", str(GLOBAL // world_size)]),
 }
 SAME_GLOBAL_BATCH = ["pretrain", "sft", "rm", "dpo"]  # stages whose 2-rank run must equal one process
 

@@ -25,7 +25,7 @@ def main():
     cleanup, common.cleanup_dist = common.cleanup_dist, lambda: None  # one process group for every stage
     sums = {}
     for name, (module, argv) in STAGES.items():
-        args = argv(run, world_size=2) + ["--out_dir", os.path.join(out, "ddp", name)]
+        args = argv(run, world_size=2) + ["--out_dir", os.path.join(out, "ddp", name), "--device", "cpu"]
         model = module.main(args)
         sums[name] = [float(p.detach().double().sum()) for p in model.parameters()]
         if name == "ppo":

@@ -29,6 +29,7 @@ SHRINK = {
     "world": ["--scale", "0.02"],
     "bench": ["--quick", "--only", "generate"],
     "train_distill": ["--stop_at", "1", "--batch_size", "4", "--max_new_tokens", "16"],
+    "gpu_check": ["--dry", "--stages", "pretrain"],
 }
 SKIP = {"pytest"}  # the test command itself
 

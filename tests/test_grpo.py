@@ -28,9 +28,13 @@ def test_rloo_baseline_excludes_the_sample_itself():
 
 
 def test_grpo_normalises_by_the_group_std():
-    r = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    """Each group by its own mean and std: a group of large rewards and one of small ones get
+    advantages of the same scale."""
+    r = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.01, 0.02, 0.03, 0.06]])
     adv = group_advantages(r, "grpo", eps=0.0)
-    assert torch.allclose(adv, (r - r.mean()) / r.std())
+    for g in range(2):
+        assert torch.allclose(adv[g], (r[g] - r[g].mean()) / r[g].std())
+    assert torch.allclose(adv[0], adv[1], atol=1e-5)
 
 
 def test_a_group_with_identical_rewards_has_zero_advantage_and_zero_policy_gradient():
@@ -88,10 +92,10 @@ def test_dropped_groups_make_no_update_even_with_adam_momentum():
     optimizer = make_optimizer(policy, 1e-2, 0.0)
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
     stats, _ = grpo_update(policy, optimizer, ro, advantages, torch.ones(4, dtype=torch.bool), cfg, 0, Dist())
-    assert stats is not None  # a real update: Adam now has momentum
+    assert stats  # a real update: Adam now has momentum
     before = [p.detach().clone() for p in policy.parameters()]
     stats, _ = grpo_update(policy, optimizer, ro, advantages, torch.zeros(4, dtype=torch.bool), cfg, 1, Dist())
-    assert stats is None
+    assert stats == []
     assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters()))
     stats, _ = grpo_update(policy, optimizer, ro, advantages, torch.tensor([True, True, False, False]), cfg, 2, Dist())
-    assert stats is not None and any(not torch.equal(a, p) for a, p in zip(before, policy.parameters()))
+    assert stats and any(not torch.equal(a, p) for a, p in zip(before, policy.parameters()))

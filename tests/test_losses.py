@@ -275,3 +275,59 @@ def test_make_optimizer_is_adamw_with_decay_on_matrices_only():
     for n, p in model.named_parameters():
         expected = before[n] * (1 - 1e-2 * 0.1) if p.dim() >= 2 else before[n]
         assert torch.allclose(p, expected, atol=1e-7), n
+
+
+def test_ppo_returns_are_raw_reward_to_go_computed_before_advantage_whitening():
+    """DECISIONS: returns = raw advantages + values, taken before whitening. With gamma = lambda = 1
+    they are the reward-to-go of the per-token rewards whatever the values; the advantages are
+    whitened over the valid tokens (mean 0, std 1)."""
+    from types import SimpleNamespace
+
+    from nanoalign.train_ppo import PPOConfig, advantages_and_returns
+    torch.manual_seed(0)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4]).bool()
+    ro = SimpleNamespace(response_mask=mask, logprobs=torch.randn(3, 6), ref_logprobs=torch.randn(3, 6),
+                         values=torch.randn(3, 6) * 3)
+    scores = torch.tensor([1.0, -2.0, 0.5])
+    cfg = PPOConfig(gamma=1.0, lam=1.0)
+    advantages, returns, _ = advantages_and_returns(ro, scores, 0.1, cfg)
+    rewards, _ = per_token_rewards(scores, ro.logprobs, ro.ref_logprobs, mask, 0.1)
+    reward_to_go = torch.flip(torch.cumsum(torch.flip(rewards, [1]), 1), [1]) * mask
+    assert torch.allclose(returns, reward_to_go, atol=1e-5)
+    assert abs(masked_mean(advantages, mask).item()) < 1e-6
+    assert abs(masked_mean(advantages ** 2, mask).item() - 1) < 1e-4
+
+
+def test_clipped_surrogate_is_pessimistic_for_ppo_and_grpo_alike():
+    """The max of the two terms (a min of the objective): beyond the clip range in the direction the
+    advantage favours the gradient is 0; in the other direction the unclipped term keeps it."""
+    from nanoalign.rl import clipped_surrogate
+    from nanoalign.train_grpo import clipped_policy_loss
+    old = torch.zeros(1, 4)
+    new = torch.tensor([[0.5, -0.5, -0.5, 0.5]], requires_grad=True)  # ratios e^.5 > 1.2, e^-.5 < 0.8
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])  # cols 0-1: clipped; cols 2-3: still pulled back
+    loss, ratio, clipped = clipped_surrogate(new, old, adv, 0.2)
+    loss.sum().backward()
+    assert clipped.tolist() == [[True, True, False, False]]
+    assert torch.equal(new.grad[0, :2], torch.zeros(2))
+    assert torch.allclose(new.grad[0, 2:], -adv[0, 2:] * ratio.detach()[0, 2:])
+    grpo_new = new.detach().clone().requires_grad_(True)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    for a in (1.0, -1.0):  # GRPO: one advantage per response, broadcast over its tokens
+        grpo_new.grad = None
+        grpo_loss, s = clipped_policy_loss(grpo_new, old, torch.tensor([a]), mask, 0.2, ("token", 4))
+        grpo_loss.backward()
+        favoured = grpo_new.detach()[0] * a > 0  # the ratio moved the way the advantage pushes
+        assert torch.equal(grpo_new.grad[0][favoured], torch.zeros(2))
+        assert (grpo_new.grad[0][~favoured] != 0).all() and s["clipfrac"].item() == 0.5
+
+
+def test_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors():
+    """ppo2's pessimistic value loss: outside the clip range the larger squared error counts."""
+    v_old, ret = torch.zeros(1, 2), torch.tensor([[1.0, 1.0]])
+    v_new = torch.tensor([[0.5, -0.5]])  # moved 0.5 towards / away from the return; clip range 0.2
+    _, _, vf, s = ppo_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), v_new, v_old, ret,
+                           torch.ones(1, 2, dtype=torch.bool), 2, 0.2, 0.2, 0.1)
+    clipped = torch.tensor([[0.2, -0.2]])
+    expected = 0.5 * torch.max((v_new - ret) ** 2, (clipped - ret) ** 2).mean()
+    assert torch.allclose(vf, expected) and s["vf_clipfrac"].item() == 0.5

@@ -2,6 +2,7 @@
 bit-exact resume, clear errors. The micro pipeline runs once per session (conftest.micro_run)."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -62,11 +63,29 @@ def test_pair_rewards_do_not_depend_on_batch_composition(micro_run):
     assert torch.allclose(c_all[2], c_one[0], atol=1e-5) and torch.allclose(r_all[2], r_one[0], atol=1e-5)
 
 
+def test_rm_stage_reads_every_rows_reward_at_its_last_real_token(micro_run):
+    """train_rm.pair_rewards on a right-padded batch of ragged pairs: each row's reward is the scalar
+    the model gives that row, alone and unpadded, at its last token (the <|end|>), never a pad's."""
+    rm, tok, _ = load(micro_run, "rm")
+    pairs = [tokenize_pref(tok, ex, 128) for ex in load_prefs(world(micro_run, "prefs_val.jsonl"))[:8]]
+    chosen, rejected = pair_rewards(rm, pairs, tok.pad_id, "cpu")
+    lengths = [len(p + c) for p, c, _ in pairs] + [len(p + r) for p, _, r in pairs]
+    assert len(set(lengths)) > 2  # ragged: most rows are padded
+    for row, (p, c, r) in enumerate(pairs):
+        for got, answer in ((chosen[row], c), (rejected[row], r)):
+            alone = rm(torch.tensor([p + answer]), output="scalar")[0, -1]
+            assert answer[-1] == tok.end_id and torch.allclose(got, alone, atol=1e-5)
+
+
 def test_reward_offset_gives_the_sft_references_mean_zero(micro_run):
     rm, offset = load_reward_model(ckpt(micro_run, "rm"))
     _, tok, _ = load(micro_run, "rm")
     raw = reward_offset(rm, tok, world(micro_run, "sft_train.jsonl"), 32, 128, "cpu")
-    assert abs(raw - offset) < 1e-5  # the stored offset is the references' mean, so their shifted mean is 0
+    assert abs(raw - offset) < 1e-5 and abs(offset) > 1e-3  # the stored offset is the references' mean
+    # and every RL scorer subtracts it: the references then score 0 on average
+    examples = [tokenize_sft(tok, m, 128)[0] for m in load_sft(world(micro_run, "sft_train.jsonl"))[:32]]
+    tokens, mask = pad_left(examples, tok.pad_id)
+    assert abs(score_last_token(rm, tokens, mask, offset).mean().item()) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------ PPO
@@ -86,8 +105,8 @@ def test_ppo_first_minibatch_has_ratio_one_and_kl_is_zero_at_init(micro_run):
     assert torch.equal(ret.sum(1) * 0, torch.zeros(4)) and (kl == 0).all()
     before_ref = {k: v.clone() for k, v in ref.state_dict().items()}
     opt = common.make_optimizer(policy, 1e-3, 0.0)
-    stats, _ = ppo_update(policy, opt, ro, adv, ret, cfg, 0, common.Dist())
-    ratio, clipfrac = stats[0][5], stats[0][3]
+    updates, _ = ppo_update(policy, opt, ro, adv, ret, cfg, 0, common.Dist())
+    ratio, clipfrac = updates[0]["ratio"].item(), updates[0]["clipfrac"].item()
     assert abs(ratio - 1) < 1e-6 and clipfrac == 0
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in before_ref.items())  # the reference never moves
 
@@ -170,6 +189,11 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(micro_run, tmp_path, st
     args = STAGE_ARGS[stage](micro_run)
     module.main(args + ["--out_dir", str(tmp_path / "full")])
     module.main(args + ["--out_dir", str(tmp_path / "split"), "--stop_at", str(STOP_AT[stage])])
+    # a crash after the checkpoint leaves rows of later steps in metrics.jsonl: the resumed run must drop them
+    later = [r for r in common.read_metrics(tmp_path / "full" / "metrics.jsonl")
+             if r.get("step", r.get("iter", 0)) > STOP_AT[stage]][:2]
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in later)
     module.main(args + ["--out_dir", str(tmp_path / "split"), "--resume", "true"])
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)

@@ -1,0 +1,199 @@
+"""Every classic bug has a test that catches it, and this module proves it.
+
+Each row of BUGS is one small edit that reproduces a bug known to have hurt RLHF code (masking,
+padding, the last real token, KL sign and estimators, GAE, whitening, clipping, the DDP
+normalisation, DPO/IPO/cDPO, distillation's T^2, the KV cache, generation's end handling, bf16). For
+each, the named tests run in a fresh process in which the module is imported with the edit applied
+(conftest.MutationFinder), and at least one of them must fail. The micro run is the session's,
+built by the correct code. `pytest -v tests/test_mutations.py` lists each bug with its catcher.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, file, correct text, buggy text, the fast tests that must catch it)
+BUGS = [
+    # masking and padding
+    ("SFT trains on the prompt", "nanoalign/tokenizer.py",
+     'labels += [-100] + (body if m["role"] == "assistant" else [-100] * len(body))',
+     "labels += [-100] + body",
+     "test_stages.py::test_sft_labels_cover_only_the_answer_and_padding_does_not_change_the_loss"),
+    ("SFT labels not shifted", "nanoalign/train_sft.py",
+     "labels[:, 1:].flatten()", "labels[:, :-1].flatten()",
+     "test_losses.py::test_sft_loss_is_mean_response_token_nll_and_ignores_prompt_labels"),
+    ("SFT normalised per micro-batch", "nanoalign/train_sft.py",
+     "loss = sft_loss(model(tokens), labels, n_tokens) * d.world",
+     "loss = sft_loss(model(tokens), labels, (labels[:, 1:] != -100).sum()) / cfg.grad_accum * d.world",
+     "test_ddp.py::test_sft_gradient_accumulation_equals_one_big_batch"),
+    ("SFT without the world factor", "nanoalign/train_sft.py",
+     "loss = sft_loss(model(tokens), labels, n_tokens) * d.world",
+     "loss = sft_loss(model(tokens), labels, n_tokens)",
+     "test_ddp.py::test_sft_two_identical_ranks_step_exactly_as_one_process"),
+    ("DPO sums the prompt's log-probs too", "nanoalign/train_dpo.py",
+     "mask = labels != -100", "mask = torch.ones_like(labels, dtype=torch.bool)",
+     "test_losses.py::test_sequence_logps_sum_response_tokens_only"),
+    ("left padding shifts the positions", "nanoalign/model.py",
+     "pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]",
+     "pos = torch.arange(past, S, device=pad_mask.device)[None].expand(pad_mask.size(0), -1)",
+     "test_model.py::test_left_padding_gives_the_logits_of_the_unpadded_prompt "
+     "test_model.py::test_positions_start_at_zero_after_left_padding"),
+    ("attention reads the pad keys", "nanoalign/model.py",
+     "mask = causal[None] & pad_mask[:, None, :]", "mask = causal[None].expand(pad_mask.size(0), -1, -1)",
+     "test_model.py::test_left_padding_gives_the_logits_of_the_unpadded_prompt"),
+    # the last real token
+    ("RM reads the first pad", "nanoalign/train_rm.py",
+     "(mask.sum(1) - 1)[:, None]", "mask.sum(1).clamp(max=mask.size(1) - 1)[:, None]",
+     "test_stages.py::test_rm_stage_reads_every_rows_reward_at_its_last_real_token"),
+    ("RL reward read at the last column", "nanoalign/rl.py",
+     "scores.gather(1, last_true(pad_mask)[:, None])", "scores[:, -1:]",
+     "test_stages.py::test_reward_is_read_at_the_last_real_token_whatever_the_padding"),
+    ("PPO score on the first response token", "nanoalign/train_ppo.py",
+     "last = mask.long().cumsum(1).argmax(1)", "last = torch.zeros_like(scores, dtype=torch.long)",
+     "test_losses.py::test_reward_sits_on_the_last_real_token_and_kl_sums_to_the_sequence_log_ratio"),
+    # rewards, KL and its estimators
+    ("KL penalty with the wrong sign", "nanoalign/train_ppo.py",
+     "kl = (logprobs - ref_logprobs) * mask", "kl = (ref_logprobs - logprobs) * mask",
+     "test_losses.py::test_reward_sits_on_the_last_real_token_and_kl_sums_to_the_sequence_log_ratio"),
+    ("k3 with the ratio upside down", "nanoalign/rl.py",
+     "k3 = torch.expm1(-log_ratio) + log_ratio", "k3 = torch.expm1(log_ratio) - log_ratio",
+     "test_losses.py::test_k1_and_k3_are_unbiased_for_kl_on_an_enumerated_distribution"),
+    ("no penalty for answers that never end", "nanoalign/train_ppo.py",
+     "scores = torch.where(ro.ended, scores, torch.full_like(scores, cfg.no_end_penalty))",
+     "scores = scores",
+     "test_stages.py::test_ppo_no_end_penalty_and_pluggable_reward_reach_the_rollout_scores"),
+    ("reward offset not subtracted", "nanoalign/rl.py",
+     "last_true(pad_mask)[:, None]).squeeze(1)) - offset", "last_true(pad_mask)[:, None]).squeeze(1))",
+     "test_stages.py::test_reward_offset_gives_the_sft_references_mean_zero"),
+    # GAE, whitening, returns
+    ("GAE without the lambda recursion", "nanoalign/train_ppo.py",
+     "last_adv = delta + gamma * lam * last_adv", "last_adv = delta",
+     "test_losses.py::test_gae_matches_brute_force_and_reward_to_go_when_gamma_lambda_one"),
+    ("GAE bootstraps without the discount", "nanoalign/train_ppo.py",
+     "delta = rewards[:, t] + gamma * next_value - values[:, t]",
+     "delta = rewards[:, t] + next_value - values[:, t]",
+     "test_losses.py::test_gae_matches_brute_force_and_reward_to_go_when_gamma_lambda_one"),
+    ("returns from whitened advantages", "nanoalign/train_ppo.py",
+     "advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)\n"
+     "    return masked_whiten(advantages, mask), returns, kl",
+     "advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)\n"
+     "    advantages = masked_whiten(advantages, mask)\n"
+     "    return advantages, (advantages + ro.values) * mask, kl",
+     "test_losses.py::test_ppo_returns_are_raw_reward_to_go_computed_before_advantage_whitening"),
+    ("whitening counts the padding", "nanoalign/rl.py",
+     "stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()])",
+     "stats = torch.stack([x.sum(), (x * x).sum(), torch.ones_like(mask).sum()])",
+     "test_losses.py::test_masked_whiten_has_mean_zero_std_one_over_the_mask_only"),
+    # clipping and the DDP normalisation
+    ("clipped surrogate with min", "nanoalign/rl.py",
+     "return torch.max(unclipped, clipped), ratio, clipped > unclipped",
+     "return torch.min(unclipped, clipped), ratio, clipped > unclipped",
+     "test_losses.py::test_clipped_objective_has_zero_gradient_beyond_the_clip_range "
+     "test_losses.py::test_clipped_surrogate_is_pessimistic_for_ppo_and_grpo_alike"),
+    ("value loss with min", "nanoalign/train_ppo.py",
+     "torch.max(vf_unclipped, vf_clipped)", "torch.min(vf_unclipped, vf_clipped)",
+     "test_losses.py::test_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors"),
+    ("PPO token count without the world size", "nanoalign/train_ppo.py",
+     "n_tokens = common.all_reduce_sum(m.sum().float()) / d.world",
+     "n_tokens = common.all_reduce_sum(m.sum().float())",
+     "test_ddp.py::test_two_identical_ranks_give_one_process_gradients[ppo]"),
+    ("GRPO count without the world size", "nanoalign/train_grpo.py",
+     "count = common.all_reduce_sum(count.float()) / d.world",
+     "count = common.all_reduce_sum(count.float())",
+     "test_ddp.py::test_two_identical_ranks_give_one_process_gradients[grpo]"),
+    # GRPO and RLOO
+    ("GRPO normalises by the batch std", "nanoalign/train_grpo.py",
+     "adv / (rewards.std(1, keepdim=True) + eps)", "adv / (rewards.std() + eps)",
+     "test_grpo.py::test_grpo_normalises_by_the_group_std"),
+    ("RLOO's baseline includes the sample", "nanoalign/train_grpo.py",
+     "return (rewards * G - rewards.sum(1, keepdim=True)) / (G - 1)", "return rewards - mean",
+     "test_grpo.py::test_rloo_baseline_excludes_the_sample_itself"),
+    ("GRPO sequence norm over tokens", "nanoalign/train_grpo.py",
+     "loss = masked_mean(per_token, mask, dim=1).sum() / count",
+     "loss = masked_sum(per_token, mask) / count",
+     "test_grpo.py::test_first_update_has_ratio_one_and_token_vs_sequence_normalisation_differ_by_length"),
+    ("dropped groups still step Adam", "nanoalign/train_grpo.py",
+     "if count == 0:", "if False:",
+     "test_grpo.py::test_dropped_groups_make_no_update_even_with_adam_momentum"),
+    # DPO and its variants
+    ("DPO forgets the reference", "nanoalign/train_dpo.py",
+     "h = pi_logratios - ref_logratios", "h = pi_logratios",
+     "test_losses.py::test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference"),
+    ("DPO loss with the sign flipped", "nanoalign/train_dpo.py",
+     "-(1 - label_smoothing) * F.logsigmoid(beta * h)", "-(1 - label_smoothing) * F.logsigmoid(-beta * h)",
+     "test_losses.py::test_dpo_gradient_is_minus_and_plus_half_beta_at_init"),
+    ("IPO's target without the 2", "nanoalign/train_dpo.py",
+     "losses = (h - 1 / (2 * beta)) ** 2", "losses = (h - 1 / beta) ** 2",
+     "test_losses.py::test_ipo_and_conservative_dpo_match_their_formulas_and_optima"),
+    ("cDPO smoothing on the wrong side", "nanoalign/train_dpo.py",
+     "- label_smoothing * F.logsigmoid(-beta * h)", "- label_smoothing * F.logsigmoid(beta * h)",
+     "test_losses.py::test_ipo_and_conservative_dpo_match_their_formulas_and_optima"),
+    # distillation
+    ("distillation without T^2", "nanoalign/train_distill.py",
+     "per_token = alpha * T * T * kl", "per_token = alpha * kl",
+     "test_distill.py::test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_teacher"),
+    ("distillation's KL reversed", "nanoalign/train_distill.py",
+     "kl = (t.exp() * (t - s)).sum(-1)", "kl = (s.exp() * (s - t)).sum(-1)",
+     "test_distill.py::test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_teacher"),
+    # generation: the KV cache, the end token, the temperature
+    ("KV cache never advances", "nanoalign/model.py",
+     "            cache.len += T\n", "            pass\n",
+     "test_model.py::test_cached_decoding_gives_the_full_forward_logits_at_every_step"),
+    ("tokens after <|end|> are not padding", "nanoalign/generate.py",
+     "nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)", "nxt = nxt",
+     "test_model.py::test_after_the_end_token_every_token_is_pad_and_masked"),
+    ("log-probs ignore the temperature", "nanoalign/generate.py",
+     "upcast(logits[:, start - 1:-1]) / temperature", "upcast(logits[:, start - 1:-1])",
+     "test_model.py::test_sampled_tokens_logprobs_match_full_forward_at_the_sampling_temperature"),
+    ("log-probs off by one position", "nanoalign/generate.py",
+     "upcast(logits[:, start - 1:-1]) / temperature, tokens[:, start:]",
+     "upcast(logits[:, start:]) / temperature, tokens[:, start:]",
+     "test_model.py::test_sampled_tokens_logprobs_match_full_forward_at_the_sampling_temperature"),
+    # dropout and precision
+    ("attention dropout left on", "nanoalign/model.py",
+     "            m.dropout = p\n", "            pass\n",
+     "test_gpu_path.py::test_set_dropout_turns_off_attention_dropout_too"),
+    ("old log-probs outside the update's autocast", "nanoalign/rl.py",
+     "with autocast(str(tokens.device), dtype):", "with autocast(str(tokens.device), 'float32'):",
+     "test_gpu_path.py::test_ppo_first_minibatch_has_ratio_exactly_one_in_every_precision"),
+    ("DPO reference in fp32, policy in bf16", "nanoalign/train_dpo.py",
+     "with torch.no_grad(), common.autocast(device, dtype):", "with torch.no_grad():",
+     "test_gpu_path.py::test_dpo_stage_logs_loss_log2_at_its_first_step_in_bf16"),
+]
+
+
+def run_bug(bug, micro_run) -> tuple[int, str]:
+    name, path, old, new, tests = bug
+    env = {**os.environ, "NANOALIGN_MICRO_RUN": str(micro_run), "OMP_NUM_THREADS": "1",
+           "NANOALIGN_MUTATION": json.dumps({"file": path, "old": old, "new": new})}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore"]
+    cmd += [f"tests/{t}" for t in tests.split()]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def outcomes(micro_run):
+    """Every bug's targeted tests, two processes at a time (one thread each)."""
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip([b[0] for b in BUGS], pool.map(lambda b: run_bug(b, micro_run), BUGS)))
+
+
+def test_bug_list_covers_the_classic_families():
+    assert len(BUGS) >= 20 and len({b[0] for b in BUGS}) == len(BUGS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", BUGS, ids=[b[0] for b in BUGS])
+def test_classic_bug_is_caught_by_its_test(bug, outcomes):
+    name, path, old, new, tests = bug
+    assert old in (ROOT / path).read_text(), f"{path} no longer holds the correct text; update BUGS"
+    returncode, output = outcomes[name]
+    assert returncode == 1 and " failed" in output, f"{name!r} survived {tests}:\n{output}"
