@@ -61,9 +61,24 @@ STAGES = {
 SAME_GLOBAL_BATCH = ["pretrain", "sft", "rm", "dpo"]  # stages whose 2-rank run must equal one process
 
 
+class RecordingOptimizer:
+    """Records the gradients each step is given (after DDP's all-reduce), then steps the real optimizer."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.param_groups, self.grads = optimizer, optimizer.param_groups, []
+
+    def step(self):
+        self.grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
 def fixed_rollout_update(run, whiten: str):
     """One PPO update (2 epochs, one minibatch) in float64 on a rollout that is identical whatever the world size;
-    this rank takes its share. whiten="local" whitens advantages per rank: the negative control."""
+    this rank takes its share. whiten="local" whitens advantages per rank: the negative control. Returns the model
+    and the first minibatch's gradients, before any step (no clipping: grad_clip is huge)."""
     d = common.init_dist("cpu")
     sft_ckpt = common.load_checkpoint(ck(run, "sft"))
     tok = load_tokenizer(sft_ckpt["tokenizer_path"])
@@ -80,7 +95,7 @@ def fixed_rollout_update(run, whiten: str):
     ro = type(ro)(**{k: (v[share].double() if torch.is_tensor(v) and v.is_floating_point() else
                          v[share] if torch.is_tensor(v) else v) for k, v in fields.items()})
     cfg = train_ppo.PPOConfig(batch_size=GLOBAL // d.world, minibatches=1, ppo_epochs=2, iterations=1, lr=3e-2,
-                              vf_coef=1.0)
+                              vf_coef=1.0, grad_clip=1e9)
     original = train_ppo.masked_whiten
     if whiten == "local":
         train_ppo.masked_whiten = functools.partial(masked_whiten, global_stats=False)
@@ -89,6 +104,6 @@ def fixed_rollout_update(run, whiten: str):
     finally:
         train_ppo.masked_whiten = original
     model = torch.nn.parallel.DistributedDataParallel(policy) if d.ddp else policy
-    opt = common.make_optimizer(model, cfg.lr, 0.0)
+    opt = RecordingOptimizer(common.make_optimizer(model, cfg.lr, 0.0))
     train_ppo.ppo_update(model, opt, ro, adv, ret, cfg, 0, d)
-    return common.unwrap(model)
+    return common.unwrap(model), opt.grads[0]

@@ -33,10 +33,10 @@ def main():
             ck = torch.load(os.path.join(out, "ddp", name, "ckpt.pt"), weights_only=False)
             sums["ppo_kl_coef"] = ck["kl_coef"]
     for whiten in ("global", "local"):
-        model = fixed_rollout_update(run, whiten)
+        model, grads = fixed_rollout_update(run, whiten)
         sums[f"ppo_fixed_rollout_{whiten}"] = [float(p.detach().double().sum()) for p in model.parameters()]
         if rank == 0:
-            torch.save(model.state_dict(), os.path.join(out, f"ppo_fixed_{whiten}_ddp.pt"))
+            torch.save({"model": model.state_dict(), "grads": grads}, os.path.join(out, f"ppo_fixed_{whiten}_ddp.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(sums, f)
     cleanup()
