@@ -46,9 +46,10 @@ if __package__ in (None, ""):
 from nanoalign import common
 from nanoalign.data import (DataError, concatenated_batch, load_prefs, load_prompts, load_verifiable, read_jsonl,
                             tokenize_pref)
-from nanoalign.generate import generate, logprobs_from_logits, response_logprobs
-from nanoalign.rl import load_reward_model, prompt_text, response_texts, score_last_token
+from nanoalign.generate import generate, response_logprobs, sequence_logps
+from nanoalign.rl import load_reward_model, pair_rewards, prompt_text, response_texts, score_last_token
 from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.model import GPT
 
 
 @dataclass
@@ -128,7 +129,7 @@ def setup(cfg: EvalConfig) -> SimpleNamespace:
     judge = None
     if cfg.judge == "gold":
         from nanoalign.world import gold_scores as judge
-    return SimpleNamespace(cfg=cfg, device=device, tok=tok, sft=common.build_model(sft_ckpt, device).eval(),
+    return SimpleNamespace(cfg=cfg, device=device, tok=tok, sft=GPT.from_checkpoint(sft_ckpt, device).eval(),
                            prompt_ids=[render_chat(tok, m, add_generation_prompt=True)[0] for m in prompts],
                            prompts=[prompt_text(m) for m in prompts], judge=judge,
                            rm=load_reward_model(cfg.reward_model, device) if cfg.reward_model else None)
@@ -154,7 +155,7 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
     results = {}
     for name, path in tqdm(models.items(), desc="evaluate", dynamic_ncols=True):
         ckpt = common.load_checkpoint(path, tokenizer=s.tok.name)
-        model = common.build_model(ckpt, s.device).eval()
+        model = GPT.from_checkpoint(ckpt, s.device).eval()
         batches, texts, gold, rm = answers_and_scores(s, model, cfg.seed)
         kl = (sequence_logprob_sums(model, batches, cfg.temperature)
               - sequence_logprob_sums(s.sft, batches, cfg.temperature)).mean().item()
@@ -218,21 +219,19 @@ def pair_batches(pairs, pad_id, device, batch_size=50):
 
 
 @torch.no_grad()
-def pair_logps(model, pairs, pad_id, device) -> torch.Tensor:
+def pair_logps(model, pairs, pad_id, device, chunk=50) -> torch.Tensor:
     """sum_t log pi(y_t | x, y_<t) over the chosen and the rejected response of each pair: (n, 2)."""
     out = []
-    for tokens, labels, _ in pair_batches(pairs, pad_id, device):
-        labels = labels[:, 1:]  # column t of the logits scores token t+1; -100 on the prompt and padding
-        logp = logprobs_from_logits(model(tokens)[:, :-1], labels.clamp(min=0))  # right-padded: no mask needed
-        out.append((logp * (labels != -100)).sum(1).view(2, -1).T)
+    for tokens, labels, _ in pair_batches(pairs, pad_id, device, chunk):
+        out.append(sequence_logps(model(tokens), labels).view(2, -1).T)  # right-padded: no mask
     return torch.cat(out)
 
 
 @torch.no_grad()
-def pair_rm_scores(rm, pairs, pad_id, device) -> torch.Tensor:
+def pair_rm_scores(rm, pairs, pad_id, device, chunk=50) -> torch.Tensor:
     """The reward model's score of each pair's chosen and rejected response: (n, 2)."""
-    return torch.cat([score_last_token(rm[0], tokens, mask, rm[1]).view(2, -1).T
-                      for tokens, _, mask in pair_batches(pairs, pad_id, device)])
+    return torch.cat([torch.stack(pair_rewards(rm[0], pairs[i:i + chunk], pad_id, device, rm[1]), 1)
+                      for i in range(0, len(pairs), chunk)])
 
 
 def human_win_rates(path: str) -> dict:
@@ -296,7 +295,7 @@ def verifiable_accuracy(cfg: EvalConfig, models: dict, problems_path: str) -> di
 
     sft_correct, results = correct(s.sft, cfg.seed + 1), {}
     for name, path in models.items():
-        model = common.build_model(common.load_checkpoint(path, tokenizer=s.tok.name), s.device).eval()
+        model = GPT.from_checkpoint(common.load_checkpoint(path, tokenizer=s.tok.name), s.device).eval()
         c = correct(model, cfg.seed)
         acc, ci = mean_and_ci(c)
         diff, diff_ci = mean_and_ci([a - b for a, b in zip(c, sft_correct)])
@@ -347,13 +346,14 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
         with open(os.path.join(world_dir, "world.json")) as f:
             world_stats = json.load(f)
     pre = os.path.join(run_dir, "pretrain", "metrics.jsonl")
-    val_losses = [r["val_loss"] for r in common.read_metrics(pre) if "val_loss" in r] if os.path.exists(pre) else []
+    evals = [r for r in common.read_metrics(pre) if "val_loss" in r] if os.path.exists(pre) else []
+    val_losses = [r["val_loss"] for r in evals]
     report = {"preset": preset, "machine": common.machine_name(), "total_seconds": time.time() - t_start,
               "stages": stages, "wall_seconds": wall,
               "sampling": {"temperature": cfg.temperature, "top_k": 0, "top_p": 1.0,
                            "max_new_tokens": cfg.max_new_tokens, "n_prompts": cfg.n_prompts},
               "pretrain_val_loss": val_losses[-1] if val_losses else None,
-              "entropy_floor": world_stats.get("entropy_floor_nats_per_token"),
+              "entropy_floor": evals[-1].get("entropy_floor") if evals else None,
               "world": {k: world_stats.get(k) for k in ("world_hash", "judge_max", "sft_mean_gold",
                                                         "expected_flip_rate", "empirical_flip_rate")}}
     with open(os.path.join(run_dir, "report.json"), "w") as f:

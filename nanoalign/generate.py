@@ -103,6 +103,14 @@ def response_logprobs(logits, tokens, start: int, temperature=1.0):
     return logprobs_from_logits(upcast(logits[:, start - 1:-1]) / temperature, tokens[:, start:])
 
 
+def sequence_logps(logits, labels):
+    """Sum of log p(label) over the labelled tokens (labels != -100), shifted by one: the logits at t
+    score the label at t + 1. (B, T, V), (B, T) -> (B,). DPO's and the evaluation's log pi(y|x)."""
+    labels = labels[:, 1:]  # (B, T-1)
+    logp = logprobs_from_logits(logits[:, :-1], labels.clamp(min=0))  # (B, T-1); -100 read as 0
+    return (logp * (labels != -100)).sum(-1)
+
+
 def last_true(mask):
     """Index of the last True in each row of a (B, T) bool mask: the last real token of a padded sequence."""
     T = mask.size(1)

@@ -29,6 +29,7 @@ from nanoalign.data import load_prompts
 from nanoalign.generate import generate
 from nanoalign.rl import response_texts
 from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.model import GPT
 
 
 @dataclass
@@ -54,7 +55,7 @@ KEYS = {"a": "A", "b": "B", "t": "tie", "s": "skip", "q": "quit"}
 
 def load_model(path, device):
     ckpt = common.load_checkpoint(path, stages=["sft", "ppo", "dpo", "grpo"])
-    return load_tokenizer(ckpt["tokenizer_path"]), common.build_model(ckpt, device).eval()
+    return load_tokenizer(ckpt["tokenizer_path"]), GPT.from_checkpoint(ckpt, device).eval()
 
 
 def two_answers(models, tok, messages, k: int, cfg: LabelConfig, device) -> list[str]:

@@ -17,6 +17,7 @@ Shape legend: B batch, T time (tokens in this call), S cached + new tokens, C n_
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,20 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, device="cpu", scalar_head: bool = True) -> "GPT":
+        """The model of a checkpoint dict (common.load_checkpoint reads one), with its scalar head if
+        it had one and scalar_head is true. A stage whose loss never reads a parent's head (SFT or
+        DPO from a PPO policy) drops it: under DDP an unused parameter stops the second step."""
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        weights = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ckpt["model"].items()}
+        if scalar_head and any(k.startswith("scalar_head.") for k in weights):
+            model.add_scalar_head()
+        if not scalar_head:
+            weights = {k: v for k, v in weights.items() if not k.startswith("scalar_head.")}
+        model.load_state_dict(weights)
+        return model.to(device)
 
     def add_scalar_head(self, init: str = "reward"):
         """A Linear(C, 1) read on the trunk's last hidden state.

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import (common, evaluate, train_distill, train_dpo, train_grpo, train_ppo, train_pretrain, train_rm,
-                       train_sft, world)
+from nanoalign import (common, doctor, evaluate, train_distill, train_dpo, train_grpo, train_ppo, train_pretrain,
+                       train_rm, train_sft, world)
 
 # Per-stage overrides of each stage's own defaults. "tiny" is the stage defaults themselves: one source of truth.
 PRESETS = {
@@ -113,6 +113,7 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
     common_args = {"seed": seed, "device": cfg.device, **({"dtype": cfg.dtype} if cfg.dtype else {})}
     plan = {
         "pretrain": (train_pretrain, {"data": w("pretrain.txt"), "val_data": w("pretrain_val.txt"),
+                                      "val_nll": w("pretrain_val_logp.json"),
                                       "tokenizer": w(f"tok{p['pretrain'].get('vocab_size', 512)}.tiktoken")}),
         "sft": (train_sft, {"init": ck["pretrain"], "data": w("sft_train.jsonl"), "val_data": w("sft_val.jsonl")}),
         "rm": (train_rm, {"init": ck["sft"], "data": w("prefs_train.jsonl"), "val_data": w("prefs_val.jsonl"),
@@ -128,6 +129,7 @@ def stage_plan(cfg: PipelineConfig, world_dir: str) -> list:
                                    "online_prompts": w("prompts_rl.jsonl"), "val_data": w("prefs_val.jsonl")}),
         # distillation: a smaller GPT pretrained on the same text (same tokenizer), then taught by the PPO model
         "pretrain_small": (train_pretrain, {"data": w("pretrain.txt"), "val_data": w("pretrain_val.txt"),
+                                            "val_nll": w("pretrain_val_logp.json"),
                                             "tokenizer": w(f"tok{p['pretrain'].get('vocab_size', 512)}.tiktoken")}),
         "distill": (train_distill, {"teacher": ck["ppo"], "init": ck["pretrain_small"],
                                     "prompts": w("prompts_rl.jsonl")}),
@@ -196,6 +198,8 @@ def run_stage(name, module, args: dict, force: bool, path_roots: dict | None = N
     t0 = time.time()
     module.main(argv)
     wall = time.time() - t0
+    for line in doctor.examine(os.path.join(args["out_dir"], "metrics.jsonl")):
+        print(line)  # the run doctor: known failure signatures in what the stage logged
     with open(done_path, "w") as f:
         json.dump({**stamp, "wall_seconds": wall}, f)
     return wall

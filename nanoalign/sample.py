@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 from nanoalign import common
 from nanoalign.generate import generate
 from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.model import GPT
 
 
 @dataclass
@@ -47,7 +48,7 @@ class SampleConfig:
 
 def load(path: str, device: str):
     ckpt = common.load_checkpoint(path)
-    return ckpt, load_tokenizer(ckpt["tokenizer_path"]), common.build_model(ckpt, device).eval()
+    return ckpt, load_tokenizer(ckpt["tokenizer_path"]), GPT.from_checkpoint(ckpt, device).eval()
 
 
 def answers(model, tok, prompt_ids: list[int], stop: int, cfg: SampleConfig, device) -> list[str]:

@@ -1,22 +1,23 @@
 """
-Stage 5: direct preference optimisation (Rafailov et al. 2023). No reward model and no sampling: with
-h = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)] (sequence log-probs, sums over the
-response tokens),
+Stage 5: direct preference optimisation (Rafailov et al. 2023). No reward model and no sampling:
+with h = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)] (sequence
+log-probs, sums over the response tokens),
 
-    DPO (eq. 7):                    L = -log sigmoid(beta * h)
-    conservative DPO (cDPO):        L = -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
-        (label smoothing: the labels are assumed flipped with probability eps, as our simulated annotators do;
-         Mitchell 2023, "A note on DPO with noisy preferences")
-    IPO (Azar et al. 2023, eq. 17): L = (h - 1 / (2 * beta))^2
-    reference-free:                 the reference log-ratio is taken to be 0
+    DPO (eq. 7):              L = -log sigmoid(beta * h)
+    conservative DPO (cDPO):  L = -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
+    IPO (Azar et al. eq. 17): L = (h - 1 / (2 * beta))^2
+    reference-free:           the reference log-ratio is taken to be 0
 
-The implicit reward of a response is beta * (log pi - log pi_ref) (DPO section 5). Chosen and rejected run through one
-concatenated forward. The reference reads the very same batch tensors under the same autocast, without gradients: at
-initialisation h is then exactly 0 and the loss exactly log 2, in bf16 too.
+cDPO smooths the labels: they are assumed flipped with probability eps, as our simulated annotators
+flip them (Mitchell 2023, "A note on DPO with noisy preferences"). The implicit reward of a response
+is beta * (log pi - log pi_ref) (DPO section 5). Chosen and rejected run through one concatenated
+forward. The reference reads the very same batch tensors under the same autocast, without
+gradients: at initialisation h is then exactly 0 and the loss exactly log 2, in bf16 too.
 
-Online (iterative) DPO (--online_rounds R): after the offline pass, R rounds of fresh feedback on the model's own
-outputs: sample two responses per prompt from the current policy, label them with the reward model (or the gold judge,
---online_judge gold), train one pass on the new pairs, and optionally move the reference to the current policy.
+Online (iterative) DPO (--online_rounds R): after the offline pass, R rounds of fresh feedback on
+the model's own outputs: sample two responses per prompt from the current policy, label them with
+the reward model (or the gold judge, --online_judge gold), train one pass on the new pairs, and
+optionally move the reference to the current policy.
 
     python -m nanoalign.train_dpo --init out/tiny/sft/ckpt.pt --data data/world/prefs_train.jsonl
     torchrun --standalone --nproc_per_node=2 nanoalign/train_dpo.py --init out/tiny/sft/ckpt.pt
@@ -26,7 +27,7 @@ import copy
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,8 @@ if __package__ in (None, ""):
 
 from nanoalign import common
 from nanoalign.data import concatenated_batch, load_prefs, load_prompts, tokenize_pref
-from nanoalign.generate import upcast
-from nanoalign.model import set_dropout
+from nanoalign.generate import sequence_logps
+from nanoalign.model import GPT, set_dropout
 from nanoalign.rl import load_reward_model, mean_stats, reward_function, rollout_pairs
 from nanoalign.tokenizer import load_tokenizer
 
@@ -45,15 +46,16 @@ from nanoalign.tokenizer import load_tokenizer
 @dataclass
 class DPOConfig:
     out_dir: str = "out/tiny/dpo"  # checkpoint, metrics.jsonl and run.json go here
-    init: str = "out/tiny/sft/ckpt.pt"  # the SFT checkpoint: both the starting policy and the reference
-    data: str = "data/world/prefs_train.jsonl"  # JSONL pairs: {prompt, chosen, rejected} or Anthropic HH
+    init: str = "out/tiny/sft/ckpt.pt"  # the SFT checkpoint: the starting policy and the reference
+    # JSONL pairs: {prompt, chosen, rejected} or Anthropic HH
+    data: str = "data/world/prefs_train.jsonl"
     val_data: str = "data/world/prefs_val.jsonl"  # held-out pairs
-    skip_bad: bool = False  # skip (and count) malformed records instead of stopping at the first one
+    skip_bad: bool = False  # skip (and count) malformed records instead of stopping at the first
     max_len: int = 0  # truncate prompt + response to this many tokens (0 = block_size)
-    beta: float = 0.1  # KL strength: small beta lets the policy move far from the reference
-    label_smoothing: float = 0.0  # cDPO: assumed label-flip rate eps in [0, 0.5)
+    beta: float = 0.1  # KL strength: a small beta lets the policy move far from the reference
+    label_smoothing: float = 0.0  # cDPO: the assumed label-flip rate eps in [0, 0.5)
     ipo: bool = False  # use the IPO loss instead of the logistic one
-    reference_free: bool = False  # ignore the reference model (log-ratio of the reference = 0)
+    reference_free: bool = False  # ignore the reference model (its log-ratio = 0)
     batch_size: int = 32  # pairs per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step
     epochs: float = 1.0  # passes over the offline pairs
@@ -64,61 +66,58 @@ class DPOConfig:
     online_rounds: int = 0  # rounds of online DPO after the offline pass (0 = offline only)
     online_prompts: str = "data/world/prompts_rl.jsonl"  # prompts sampled in each online round
     online_pairs: int = 512  # prompts (= new pairs) per round
-    online_judge: str = "rm"  # who labels online pairs: "rm" (needs --reward_model), "gold" (oracle), "module:function"
+    # who labels online pairs: "rm" (needs --reward_model), "gold" (an oracle), "module:function"
+    online_judge: str = "rm"
     reward_model: str = "out/tiny/rm/ckpt.pt"  # the reward model for online labelling
-    online_update_ref: bool = False  # move the reference to the current policy at the start of each round
+    online_update_ref: bool = False  # move the reference to the current policy at each round
     temperature: float = 1.0  # sampling temperature of the online responses
     max_new_tokens: int = 80  # response length limit in online rounds
     seed: int = 0  # data order and sampling
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
-    resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped (offline pass)
-    strict: bool = False  # stop on any warning of the run doctor (common.Doctor), not only on a NaN loss
+    # continue from out_dir/ckpt.pt exactly where it stopped (in the offline pass)
+    resume: bool = False
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
 
     def validate(self):
         common.check(self.beta > 0, "beta", "must be > 0")
         common.check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         common.check(self.epochs >= 0, "epochs", "must be >= 0")
-        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size", "batch_size and grad_accum must be > 0")
-        common.check(self.online_judge in ("rm", "gold") or ":" in self.online_judge, "online_judge",
-                     "must be 'rm', 'gold' or 'module:function' (your own reward)")
+        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
+                     "batch_size and grad_accum must be > 0")
+        common.check(self.online_judge in ("rm", "gold") or ":" in self.online_judge,
+                     "online_judge", "must be 'rm', 'gold' or 'module:function' (your own reward)")
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
-             label_smoothing: float = 0.0, ipo: bool = False, reference_free: bool = False):
-    """Per-pair losses and implicit rewards. All inputs (B,) sequence log-probs. Returns (losses, chosen_rewards,
-    rejected_rewards), rewards detached."""
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta: float, label_smoothing: float = 0.0, ipo: bool = False,
+             reference_free: bool = False):
+    """Per-pair losses and implicit rewards. All inputs (B,) sequence log-probs.
+    Returns (losses, chosen_rewards, rejected_rewards), the rewards detached."""
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = 0 if reference_free else ref_chosen_logps - ref_rejected_logps
     h = pi_logratios - ref_logratios
     if ipo:
         losses = (h - 1 / (2 * beta)) ** 2  # Azar et al. 2023, eq. 17 (beta plays tau)
     else:  # eps = 0 is DPO's eq. 7; eps > 0 is the conservative (label-smoothed) form
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h)
+                  - label_smoothing * F.logsigmoid(-beta * h))
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
 
 
-def sequence_logps(logits, labels):
-    """Sum of log p(label) over the response tokens (labels != -100), shifted by one. (B, T, V), (B, T) -> (B,)"""
-    labels = labels[:, 1:]
-    mask = labels != -100
-    logp = torch.gather(F.log_softmax(upcast(logits[:, :-1]), -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1)
-
-
 def concatenated_logps(model, pairs, pad_id, device):
     """(chosen, rejected) sequence log-probs of a batch of pairs, in one forward of 2B rows."""
     tokens, labels, _ = concatenated_batch(pairs, pad_id, device)
-    logps = sequence_logps(model(tokens), labels)  # (2B,); right-padded, so no attention mask is needed (model.py)
+    logps = sequence_logps(model(tokens), labels)  # (2B,); right-padded: no attention mask needed
     return logps[:len(pairs)], logps[len(pairs):]
 
 
 def policy_and_reference_logps(policy, ref, pairs, pad_id, device, dtype):
-    """The four sequence log-probs of the DPO loss. The reference reads the very same batch tensors under the
-    same autocast as the policy (without gradients): at initialisation h is then exactly 0, in bf16 too."""
+    """The four sequence log-probs of the DPO loss. The reference reads the very same batch tensors
+    under the same autocast as the policy (without gradients): at initialisation h is then exactly
+    0, in bf16 too."""
     with torch.no_grad(), common.autocast(device, dtype):
         ref_chosen, ref_rejected = concatenated_logps(ref, pairs, pad_id, device)
     with common.autocast(device, dtype):
@@ -126,132 +125,179 @@ def policy_and_reference_logps(policy, ref, pairs, pad_id, device, dtype):
     return chosen, rejected, ref_chosen, ref_rejected
 
 
-def train(cfg: DPOConfig):
-    d = common.init_dist(cfg.device)
-    common.set_seed(cfg.seed)
-    parent = common.load_checkpoint(cfg.init, stages=["sft", "dpo", "ppo", "grpo"])
-    tok = load_tokenizer(parent["tokenizer_path"])
-    # a PPO parent's value head is dropped: DPO never reads it, and DDP stops on an unused parameter
-    policy = set_dropout(common.build_model(parent, d.device, scalar_head=False), 0.0)
-    policy = common.with_precision(policy, cfg.dtype)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    max_len = cfg.max_len or policy.config.block_size
-    common.check(max_len <= policy.config.block_size, "max_len", f"{max_len} > the model's block_size")
-    train_set = [tokenize_pref(tok, ex, max_len) for ex in load_prefs(cfg.data, cfg.skip_bad)] if cfg.epochs else []
-    val_set = [tokenize_pref(tok, ex, max_len) for ex in load_prefs(cfg.val_data, cfg.skip_bad)] if cfg.val_data else []
+@dataclass
+class Run:
+    """What every step of the offline pass and of the online rounds reads and writes."""
+    cfg: DPOConfig
+    d: common.Dist
+    tok: object
+    policy: torch.nn.Module  # trained (DDP-wrapped under torchrun)
+    raw_policy: torch.nn.Module  # the plain module: what is saved, sampled and validated
+    ref: torch.nn.Module  # frozen
+    optimizer: torch.optim.Optimizer
+    log: common.MetricsLog
+    stop: common.StopSignal
+    parent: dict
+    val_set: list
+    step: int = 0
+    val_ref: dict = field(default_factory=dict)  # validation chunk -> the reference's log-probs
 
-    optimizer = common.make_optimizer(policy, cfg.lr, 0.0)
-    raw_policy, step, ckpt_path = policy, 0, os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, stages=["dpo"], tokenizer=tok.name)
-        step = common.restore(ckpt, policy, optimizer, d)
-    policy = common.wrap_ddp(policy, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
-    stop = common.StopSignal(d.device)
-    global_batch = cfg.batch_size * cfg.grad_accum * d.world
-    val_ref = {}  # validation chunk -> the reference's log-probs: the same chunks every time, computed once
 
-    def save():
-        common.save_stage(ckpt_path, d, "dpo", raw_policy, optimizer, step, cfg, tok, parent["tokenizer_path"],
-                          cfg.init)
+def save(run: Run):
+    common.save_stage(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.d, "dpo", run.raw_policy,
+                      run.optimizer, run.step, run.cfg, run.tok, run.parent["tokenizer_path"],
+                      run.cfg.init)
 
-    @torch.no_grad()
-    def validate():
-        raw_policy.eval()
-        acc, margin = [], []
-        for i in range(0, len(val_set), 64):
-            pairs = val_set[i:i + 64]
-            pc, pr = concatenated_logps(raw_policy, pairs, tok.pad_id, d.device)
-            if i not in val_ref:
-                val_ref[i] = concatenated_logps(ref, pairs, tok.pad_id, d.device)
-            rc, rr = val_ref[i]
-            _, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta)
-            acc.append((cr > rj).float())
-            margin.append(cr - rj)
-        raw_policy.train()
-        return {"val_accuracy": torch.cat(acc).mean().item(), "val_margin": torch.cat(margin).mean().item()}
 
-    def run_pass(pairs, tag: str, first: int, n_steps: int, seed: int, local: bool):
-        """n_steps optimizer steps of the DPO loss over `pairs`. The offline pass slices one global batch across ranks
-        (so 2 ranks = 1 process); in online rounds each rank trains on the pairs it sampled itself (local=True)."""
-        nonlocal step
-        per_rank = cfg.batch_size * cfg.grad_accum
-        bar = common.progress(n_steps, step - first, f"dpo {tag}", not d.master)
-        t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else first + n_steps
-        while step < min(first + n_steps, last):
-            lr = common.lr_at(step - first, n_steps, cfg.lr, cfg.warmup, schedule="linear")
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = common.batch_indices(len(pairs), step - first, per_rank if local else global_batch, seed)
-            micro_stats = []
-            for micro in range(cfg.grad_accum):
-                rows = idx[micro * cfg.batch_size:(micro + 1) * cfg.batch_size] if local else \
-                    common.rank_rows(idx, micro, d, cfg.batch_size)
-                batch = [pairs[i] for i in rows]
-                sync = micro == cfg.grad_accum - 1
-                with common.no_sync_unless(policy, d, sync):
-                    pc, pr, rc, rr = policy_and_reference_logps(policy, ref, batch, tok.pad_id, d.device,
-                                                                cfg.dtype)
-                    losses, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing, cfg.ipo,
-                                              cfg.reference_free)
-                (losses.mean() / cfg.grad_accum).backward()  # equal pairs per micro-batch and rank: mean of means
-                micro_stats.append({"loss": losses.detach().mean(), "rewards/chosen": cr.mean(),
-                                    "rewards/rejected": rj.mean(), "rewards/accuracies": (cr > rj).float().mean(),
-                                    "rewards/margins": (cr - rj).mean(), "logps/chosen": pc.detach().mean(),
-                                    "logps/rejected": pr.detach().mean()})
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            s = common.global_means(mean_stats(micro_stats), d)
-            dt, t0 = time.time() - t0, time.time()
-            row = {"step": step, "phase": tag, **s, "lr": lr, "pairs_per_s": global_batch / dt}
-            bar.update(1)
-            bar.set_postfix(loss=f"{s['loss']:.3f}", margin=f"{s['rewards/margins']:.2f}")
-            evaluate = val_set and (step % cfg.eval_interval == 0 or step == first + n_steps)
-            if evaluate:
-                row.update(validate())
-            log.log(**row)  # the run doctor reads the row first: a NaN loss never reaches a checkpoint
-            if evaluate:
-                save()
-            if stop.should_stop():
-                break
-        bar.close()
-        return step == first + n_steps
+@torch.no_grad()
+def validate(run: Run, chunk: int = 64) -> dict:
+    """Held-out preference accuracy and mean margin of the implicit reward. The reference's
+    log-probs of each chunk are computed once (the same chunks every time)."""
+    model, pad_id, device = run.raw_policy, run.tok.pad_id, run.d.device
+    model.eval()
+    accuracies, margins = [], []
+    for i in range(0, len(run.val_set), chunk):
+        pairs = run.val_set[i:i + chunk]
+        chosen, rejected = concatenated_logps(model, pairs, pad_id, device)
+        if i not in run.val_ref:
+            run.val_ref[i] = concatenated_logps(run.ref, pairs, pad_id, device)
+        _, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, *run.val_ref[i],
+                                                       run.cfg.beta)
+        accuracies.append((chosen_rewards > rejected_rewards).float())
+        margins.append(chosen_rewards - rejected_rewards)
+    model.train()
+    return {"val_accuracy": torch.cat(accuracies).mean().item(),
+            "val_margin": torch.cat(margins).mean().item()}
 
-    offline_steps = int(cfg.epochs * len(train_set) / global_batch) if train_set else 0
-    # on --resume the offline pass continues from the saved step (online rounds are not resumable mid-way)
-    finished = run_pass(train_set, "offline", 0, offline_steps, cfg.seed, local=False) if offline_steps else True
-    for rnd in range(cfg.online_rounds if finished else 0):
-        pairs = online_pairs(cfg, d, tok, raw_policy, rnd, max_len)
-        if cfg.online_update_ref:  # iterative DPO: the policy of the last round becomes the new reference
-            ref.load_state_dict(raw_policy.state_dict())
-            val_ref.clear()
-        # ranks drop different numbers of ties, but must take the same number of steps (or DDP waits forever);
-        # a rank left without pairs (every one a tie) makes the whole round skip
-        n_local = max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum)) if pairs else 0
-        n_steps = common.all_reduce_min(n_local, d.device)
-        if n_steps == 0:
-            if d.master:
-                print(f"online round {rnd}: a rank has no pairs (every sampled pair was a tie): round skipped")
-            continue
-        if not run_pass(pairs, f"online{rnd}", step, n_steps, cfg.seed + 1 + rnd, local=True):
+
+def dpo_step(run: Run, micro_batches: list[list]) -> dict:
+    """One optimizer step over this rank's micro-batches; its statistics, averaged over ranks."""
+    cfg, d = run.cfg, run.d
+    micro_stats = []
+    for micro, batch in enumerate(micro_batches):
+        sync = micro == len(micro_batches) - 1
+        with common.no_sync_unless(run.policy, d, sync):
+            logps = policy_and_reference_logps(run.policy, run.ref, batch, run.tok.pad_id,
+                                               d.device, cfg.dtype)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                *logps, cfg.beta, cfg.label_smoothing, cfg.ipo, cfg.reference_free)
+        # every micro-batch and rank holds as many pairs: the mean of the means is the mean
+        (losses.mean() / cfg.grad_accum).backward()
+        chosen, rejected = logps[0].detach(), logps[1].detach()
+        wins = (chosen_rewards > rejected_rewards).float()
+        micro_stats.append({"loss": losses.detach().mean(), "rewards/chosen": chosen_rewards.mean(),
+                            "rewards/rejected": rejected_rewards.mean(),
+                            "rewards/accuracies": wins.mean(),
+                            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                            "logps/chosen": chosen.mean(), "logps/rejected": rejected.mean()})
+    common.optimizer_step(run.policy, run.optimizer, cfg.grad_clip)
+    return common.all_reduce_mean(mean_stats(micro_stats), d)
+
+
+def train_pass(run: Run, pairs: list, phase: str, first: int, n_steps: int, seed: int,
+               local: bool) -> bool:
+    """Steps first .. first + n_steps - 1 of the DPO loss over `pairs`. The offline pass slices one
+    global batch across ranks (so 2 ranks = 1 process); in online rounds each rank trains on the
+    pairs it sampled itself (local). Returns whether the pass ran to its end."""
+    cfg, d = run.cfg, run.d
+    per_rank = cfg.batch_size * cfg.grad_accum
+    global_batch = per_rank * d.world
+    bar = common.progress(n_steps, run.step - first, f"dpo {phase}", not d.master)
+    t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else first + n_steps
+    while run.step < min(first + n_steps, last):
+        lr = common.lr_at(run.step - first, n_steps, cfg.lr, cfg.warmup, schedule="linear")
+        common.set_lr(run.optimizer, lr)
+        idx = common.batch_indices(len(pairs), run.step - first,
+                                   per_rank if local else global_batch, seed)
+        micros = range(cfg.grad_accum)
+        if local:
+            micro_rows = [idx[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in micros]
+        else:
+            micro_rows = [common.rank_rows(idx, m, d, cfg.batch_size) for m in micros]
+        stats = dpo_step(run, [[pairs[i] for i in rows] for rows in micro_rows])
+        run.step += 1
+        dt, t0 = time.time() - t0, time.time()
+        row = {"step": run.step, "phase": phase, **stats, "lr": lr,
+               "pairs_per_s": global_batch / dt}
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", margin=f"{stats['rewards/margins']:.2f}")
+        evaluate = run.val_set and (run.step % cfg.eval_interval == 0
+                                    or run.step == first + n_steps)
+        if evaluate:
+            row.update(validate(run))
+        run.log.log(**row)  # a NaN loss stops here, before any checkpoint
+        if evaluate:
+            save(run)
+        if run.stop.should_stop():
             break
-    save()
-    common.cleanup_dist()
-    return raw_policy
+    bar.close()
+    return run.step == first + n_steps
 
 
 def online_pairs(cfg, d, tok, policy, rnd, max_len):
-    """This rank's fresh pairs for round `rnd`: two samples per prompt from the current policy, ranked by the judge."""
+    """This rank's fresh pairs for round `rnd`: two samples per prompt from the current policy,
+    ranked by the judge."""
     prompts = load_prompts(cfg.online_prompts)
     rm = load_reward_model(cfg.reward_model, d.device) if cfg.online_judge == "rm" else None
     start = (rnd * d.world + d.rank) * cfg.online_pairs
     chunk = [prompts[(start + i) % len(prompts)] for i in range(cfg.online_pairs)]
-    g = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + rnd * 1009 + d.rank)  # per-rank sampling
+    seed = cfg.seed * 100003 + rnd * 1009 + d.rank  # per-rank sampling
+    g = torch.Generator(device=d.device).manual_seed(seed)
+    judge = None if rm else reward_function(cfg.online_judge)
     return rollout_pairs(policy, tok, chunk, cfg.max_new_tokens, cfg.temperature, g, max_len,
-                         rm=rm, judge=None if rm else reward_function(cfg.online_judge))
+                         rm=rm, judge=judge)
+
+
+def train(cfg: DPOConfig):
+    # 0. set-up: ranks, the policy (a PPO parent's value head dropped: DPO never reads it, and DDP
+    #    stops on an unused parameter), its frozen copy as reference, the pairs, the optimizer
+    d = common.init_dist(cfg.device)
+    common.set_seed(cfg.seed)
+    parent = common.load_checkpoint(cfg.init, stages=["sft", "dpo", "ppo", "grpo"])
+    tok = load_tokenizer(parent["tokenizer_path"])
+    policy = set_dropout(GPT.from_checkpoint(parent, d.device, scalar_head=False), 0.0)
+    policy = common.with_precision(policy, cfg.dtype)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    max_len = cfg.max_len or policy.config.block_size
+    common.check(max_len <= policy.config.block_size, "max_len", f"{max_len} > the block_size")
+    load = lambda path: [tokenize_pref(tok, ex, max_len) for ex in load_prefs(path, cfg.skip_bad)]
+    train_set = load(cfg.data) if cfg.epochs else []
+    optimizer = common.make_optimizer(policy, cfg.lr, 0.0)
+    step = 0
+    if cfg.resume:  # the offline pass continues from the saved step (online rounds restart)
+        ckpt = common.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), stages=["dpo"],
+                                      tokenizer=tok.name)
+        step = common.restore(ckpt, policy, optimizer, d)
+    run = Run(cfg, d, tok, common.wrap_ddp(policy, d), policy, ref, optimizer,
+              common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None),
+              common.StopSignal(d.device), parent, load(cfg.val_data) if cfg.val_data else [],
+              step)
+    # 1. the offline pass: --epochs over the preference pairs
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    offline_steps = int(cfg.epochs * len(train_set) / global_batch) if train_set else 0
+    finished = True
+    if offline_steps:
+        finished = train_pass(run, train_set, "offline", 0, offline_steps, cfg.seed, local=False)
+    # 2. online rounds: fresh pairs from the current policy, labelled by the judge
+    for rnd in range(cfg.online_rounds if finished else 0):
+        pairs = online_pairs(cfg, d, tok, policy, rnd, max_len)
+        if cfg.online_update_ref:  # iterative DPO: the last round's policy becomes the reference
+            ref.load_state_dict(policy.state_dict())
+            run.val_ref.clear()
+        # ranks drop different numbers of ties but must take as many steps (or DDP waits
+        # forever); a rank left without pairs (every one a tie) makes the whole round skip
+        n_local = max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum)) if pairs else 0
+        n_steps = common.all_reduce_min(n_local, d.device)
+        if n_steps == 0:
+            if d.master:
+                print(f"online round {rnd}: a rank has no pairs (each was a tie): round skipped")
+            continue
+        if not train_pass(run, pairs, f"online{rnd}", run.step, n_steps, cfg.seed + 1 + rnd,
+                          local=True):
+            break
+    save(run)
+    common.cleanup_dist()
+    return policy
 
 
 def main(argv=None):

@@ -356,6 +356,10 @@ def verifiable_reward(prompt: str, response: str, answer: str) -> float:
     return 1.0 if check_answer(answer, response) else 0.0
 
 
+def verifiable_rewards(prompts: list[str], responses: list[str], answers: list[str]) -> list[float]:
+    return [verifiable_reward(p, r, a) for p, r, a in zip(prompts, responses, answers, strict=True)]
+
+
 def gold_score(prompt: str, response: str) -> float:
     """The gold judge (see data/README.md for the formula): topic + sentiment + ending + length + degeneration,
     clipped to (JUDGE_MIN, JUDGE_MAX]; the empty response scores JUDGE_MIN."""

@@ -12,6 +12,7 @@ import torch
 from nanoalign import common, train_distill, train_dpo, train_grpo, train_ppo, train_pretrain, train_rm, train_sft
 from nanoalign.rl import masked_whiten, rollout
 from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.model import GPT
 
 GLOBAL = 8
 
@@ -83,7 +84,7 @@ def fixed_rollout_update(run, whiten: str):
     sft_ckpt = common.load_checkpoint(ck(run, "sft"))
     tok = load_tokenizer(sft_ckpt["tokenizer_path"])
     torch.manual_seed(0)
-    policy = common.build_model(sft_ckpt).add_scalar_head("zero")
+    policy = GPT.from_checkpoint(sft_ckpt).add_scalar_head("zero")
     ref = copy.deepcopy(policy).requires_grad_(False)
     prompts = [render_chat(tok, [{"role": "user", "content": f"Tell me a story about a {a}."}], True)[0]
                for a in ("cat", "dog", "bird", "fish", "frog", "duck", "cow", "fox")]

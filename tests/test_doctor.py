@@ -1,14 +1,17 @@
-"""The run doctor (common.Doctor): each failure signature fires on a constructed failing run, stays silent on a healthy
-one, and a NaN loss stops training with the last good checkpoint kept."""
+"""The run doctor (nanoalign.doctor): each failure signature fires on a constructed failing run and
+stays silent on a healthy one; it reads finished logs (the pipeline calls it after each stage);
+inside the loop a NaN loss stops training with the last good checkpoint kept."""
 
+import json
 import math
 import types
 
 import pytest
 import torch
 
-from nanoalign import common
-from nanoalign.common import Doctor, HealthError, diagnose
+from nanoalign import common, doctor
+from nanoalign.common import HealthError
+from nanoalign.doctor import diagnose
 
 
 def names(rows):
@@ -16,8 +19,8 @@ def names(rows):
 
 
 def ppo_rows(n, score, gold, kl=5.0, entropy=0.5, end_rate=1.0):
-    return [{"iter": i + 1, "score": score(i), "gold": gold(i), "kl": kl, "entropy": entropy, "end_rate": end_rate,
-             "loss": 0.1} for i in range(n)]
+    return [{"iter": i + 1, "score": score(i), "gold": gold(i), "kl": kl, "entropy": entropy,
+             "end_rate": end_rate, "loss": 0.1} for i in range(n)]
 
 
 def test_each_signature_fires_on_its_failing_case():
@@ -33,7 +36,8 @@ def test_each_signature_fires_on_its_failing_case():
     rising_proxy_falling_gold = ppo_rows(20, lambda i: 0.1 * i, lambda i: 1.0 - 0.05 * i)
     assert "over-optimisation" in names(rising_proxy_falling_gold)
     # the shape of DPO at beta 0.03 in the tiny sweep: chosen -21.4 -> -29.9, rejected -23.2 -> -37.8
-    dpo = [{"step": i, "loss": 0.5, "logps/chosen": -21.0 - i, "logps/rejected": -23.0 - 1.5 * i} for i in range(12)]
+    dpo = [{"step": i, "loss": 0.5, "logps/chosen": -21.0 - i, "logps/rejected": -23.0 - 1.5 * i}
+           for i in range(12)]
     assert "DPO log-probs collapsing" in names(dpo)
     assert "no trainable tokens" in names([{"step": 1, "loss": 0.0, "tokens_per_s": 0.0}])
 
@@ -41,27 +45,28 @@ def test_each_signature_fires_on_its_failing_case():
 def test_healthy_runs_are_silent():
     healthy_ppo = ppo_rows(40, lambda i: 0.05 * i, lambda i: 0.5 + 0.01 * i, kl=8.0)
     assert all(not names(healthy_ppo[:k]) for k in range(1, 41))
-    dpo = [{"step": i, "loss": 0.6, "logps/chosen": -21.4 - 0.02 * i, "logps/rejected": -23.2 - 0.1 * i}
-           for i in range(50)]  # the tiny run's DPO (beta 0.1): chosen -21.4 -> -22.6, rejected -23.2 -> -27.9
+    # the tiny run's DPO (beta 0.1): chosen -21.4 -> -22.6, rejected -23.2 -> -27.9
+    dpo = [{"step": i, "loss": 0.6, "logps/chosen": -21.4 - 0.02 * i,
+            "logps/rejected": -23.2 - 0.1 * i} for i in range(50)]
     assert not names(dpo)
 
 
 def test_real_micro_runs_are_silent(micro_run):
     for stage in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "rlvr"):
-        rows = common.read_metrics(micro_run / stage / "metrics.jsonl")
-        assert all(not names(rows[:k]) for k in range(1, len(rows) + 1)), stage
+        assert doctor.examine(str(micro_run / stage / "metrics.jsonl")) == [], stage
 
 
-def test_a_warning_is_printed_once_and_strict_stops(capsys):
-    doctor = Doctor(strict=False)
-    for row in ppo_rows(3, lambda i: 0.0, lambda i: 0.0, kl=120.0):
-        doctor.check(row)
-    assert capsys.readouterr().err.count("exploding KL") == 1
-    with pytest.raises(HealthError, match="exploding KL"):
-        Doctor(strict=True).check(ppo_rows(1, lambda i: 0.0, lambda i: 0.0, kl=120.0)[0])
+def test_the_offline_doctor_names_each_signature_once_with_its_step(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    rows = ppo_rows(3, lambda i: 0.0, lambda i: 0.0, kl=120.0)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert doctor.main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("exploding KL") == 1 and "step 1" in err and "04-ppo.md" in err
 
 
-def test_a_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(micro_run, tmp_path, monkeypatch):
+def test_a_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(micro_run, tmp_path,
+                                                                         monkeypatch):
     from nanoalign import train_pretrain
     calls, real = [0], torch.nn.functional.cross_entropy
 
@@ -72,9 +77,10 @@ def test_a_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(micro_r
 
     monkeypatch.setattr(train_pretrain, "F", types.SimpleNamespace(cross_entropy=poisoned))
     world = micro_run / "world"
-    args = ["--data", str(world / "pretrain.txt"), "--val_data", "", "--tokenizer", str(world / "tok512.tiktoken"),
-            "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--max_steps", "8", "--batch_size", "4",
-            "--eval_interval", "2", "--eval_batches", "1", "--out_dir", str(tmp_path)]
+    args = ["--data", str(world / "pretrain.txt"), "--val_data", "", "--tokenizer",
+            str(world / "tok512.tiktoken"), "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
+            "--max_steps", "8", "--batch_size", "4", "--eval_interval", "2", "--eval_batches", "1",
+            "--out_dir", str(tmp_path)]
     with pytest.raises(HealthError, match="non-finite loss"):
         train_pretrain.main(args)
     ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))

@@ -11,6 +11,7 @@ from nanoalign import common, evaluate, train_dpo, train_rm
 from nanoalign.data import load_prefs, tokenize_pref
 from nanoalign.rl import load_reward_model
 from nanoalign.tokenizer import load_tokenizer
+from nanoalign.model import GPT
 
 
 def pair(prompt, chosen, rejected, gc, gr):
@@ -41,7 +42,7 @@ def test_pair_logps_are_the_dpo_stages_sequence_logps(micro_run):
     """Both sides share the prompt, so a prompt token leaking into the sums would cancel in every accuracy: compare
     the sums themselves with DPO's own (labels -100 on the prompt)."""
     ckpt = common.load_checkpoint(str(micro_run / "sft" / "ckpt.pt"))
-    tok, model = load_tokenizer(ckpt["tokenizer_path"]), common.build_model(ckpt, "cpu").eval()
+    tok, model = load_tokenizer(ckpt["tokenizer_path"]), GPT.from_checkpoint(ckpt, "cpu").eval()
     pairs = [tokenize_pref(tok, r, model.config.block_size)
              for r in load_prefs(str(micro_run / "world" / "prefs_val.jsonl"))[:7]]
     ours = evaluate.pair_logps(model, pairs, tok.pad_id, "cpu")

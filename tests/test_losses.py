@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from nanoalign.generate import sequence_logps
 from nanoalign.rl import kl_estimates, masked_mean, masked_whiten
-from nanoalign.train_dpo import dpo_loss, sequence_logps
+from nanoalign.train_dpo import dpo_loss
 from nanoalign.train_ppo import adaptive_kl_update, gae, per_token_rewards, ppo_loss
 from nanoalign.train_rm import bt_loss
 from nanoalign.train_sft import sft_loss

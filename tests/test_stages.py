@@ -19,6 +19,7 @@ from nanoalign.train_dpo import concatenated_logps
 from nanoalign.train_ppo import PPOConfig, advantages_and_returns, ppo_update
 from nanoalign.train_rm import pair_rewards, reward_offset
 from nanoalign.train_sft import collate, sft_loss
+from nanoalign.model import GPT
 
 
 def ckpt(run, stage):
@@ -31,7 +32,7 @@ def world(run, name):
 
 def load(run, stage):
     c = common.load_checkpoint(ckpt(run, stage))
-    return common.build_model(c).eval(), load_tokenizer(c["tokenizer_path"]), c
+    return GPT.from_checkpoint(c).eval(), load_tokenizer(c["tokenizer_path"]), c
 
 
 # ------------------------------------------------------------------------------------------------ reward model
