@@ -1,13 +1,16 @@
 """
-Batched sampling with the KV cache, and log-probabilities of given tokens: the one "forward contract" every stage uses.
+Batched sampling with the KV cache, and log-probabilities of given tokens: the one "forward
+contract" every stage uses.
 
-Layout of a generated batch (B rows, P = longest prompt, N = new tokens):
+Layout of a generated batch (B rows, P = longest prompt, N = new tokens): prompts are left-padded to
+P, responses right-padded after their <|end|>:
 
-    [pad pad p0 p1 p2 | r0 r1 <|end|> pad pad]      prompts left-padded to P, responses right-padded after <|end|>
+    [pad pad p0 p1 p2 | r0 r1 <|end|> pad pad]
      <------ P ------>  <-------- N --------->
 
-The logits at position P-1+t score response token t (Ziegler et al. 2019; correctness.md A2). Every log-prob used in
-RL is computed from logits / temperature, the same temperature the sampler used (Huang et al. 2024, policy detail 1).
+The logits at position P-1+t score response token t (the next-token shift; Ziegler et al. 2019).
+Every log-prob used in RL is computed from logits / temperature, the same temperature the sampler
+used (Huang et al. 2024, policy detail 1).
 """
 
 import torch
@@ -28,8 +31,9 @@ def pad_left(prompts: list[list[int]], pad_id: int, device="cpu"):
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row from logits (B, V). temperature 0 = greedy. RL uses pure ancestral sampling (top_k=0,
-    top_p=1): any truncation makes the sampled distribution differ from the one PPO's log-probs describe."""
+    """One token per row from logits (B, V). temperature 0 = greedy. RL uses pure ancestral
+    sampling (top_k=0, top_p=1): any truncation makes the sampled distribution differ from the one
+    PPO's log-probs describe."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -39,7 +43,8 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p
+        drop = cum - sorted_logits.softmax(-1) > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -48,9 +53,11 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, end_id: int, pad_id: int,
              temperature=1.0, top_k=0, top_p=1.0, generator=None, use_cache=True):
-    """Sample continuations of a batch of prompts until every row has emitted `end_id` or max_new_tokens.
+    """Sample continuations of a batch of prompts until every row has emitted `end_id`, or
+    max_new_tokens.
 
-    Returns (tokens (B, P+N), pad_mask (B, P+N), P). After a row's end token every token is pad (mask False).
+    Returns (tokens (B, P+N), pad_mask (B, P+N), P). After a row's end token every token is pad
+    (mask False).
     No collective ops inside: under DDP each rank generates on its own (pass the unwrapped model).
     """
     was_training = model.training
@@ -59,15 +66,19 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, end_id: 
     tokens, mask = pad_left(prompts, pad_id, device)
     B, P = tokens.shape
     max_new_tokens = min(max_new_tokens, model.config.block_size - P)
-    assert max_new_tokens > 0, f"prompt of {P} tokens leaves no room in block_size {model.config.block_size}"
-    cache = KVCache(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype) if use_cache else None
+    assert max_new_tokens > 0, \
+        f"a prompt of {P} tokens leaves no room in block_size {model.config.block_size}"
+    dtype = model.lm_head.weight.dtype
+    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype) if use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_input = tokens
     for _ in range(max_new_tokens):
         if use_cache:
-            logits = model(next_input, pad_mask=mask, cache=cache)[:, -1]  # (B, V) only the new slot is computed
+            # (B, V): only the new slot is computed
+            logits = model(next_input, pad_mask=mask, cache=cache)[:, -1]
         else:
-            logits = model(tokens, pad_mask=mask)[:, -1]  # recompute the whole prefix: the slow reference path
+            # recompute the whole prefix: the slow reference path
+            logits = model(tokens, pad_mask=mask)[:, -1]
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens = torch.cat([tokens, nxt[:, None]], 1)
@@ -81,38 +92,44 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, end_id: 
 
 
 def upcast(x):
-    """At least fp32 for softmaxes and losses: bf16 logits are upcast, fp64 (used by the DDP tests) stays fp64."""
+    """At least fp32 for softmaxes and losses: bf16 logits are upcast, fp64 (the DDP tests') stays
+    fp64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def logprobs_from_logits(logits, labels):
-    """log softmax(logits)[label], in fp32 (bf16 log-softmax makes PPO ratios and KL noisy). (B, T, V) -> (B, T)."""
+    """log softmax(logits)[label], in fp32 (a bf16 log-softmax makes PPO's ratios and KL noisy).
+    (B, T, V) -> (B, T)."""
     return torch.gather(F.log_softmax(upcast(logits), -1), 2, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits, temperature=1.0):
-    """Entropy of softmax(z / temperature): -sum p log p = logsumexp(z) - sum softmax(z) z, per position.
-    (B, T, V) -> (B, T). The policy's entropy is the one of the distribution it samples from, at its temperature."""
+    """Entropy of softmax(z / temperature): -sum p log p = logsumexp(z) - sum softmax(z) z, per
+    position. (B, T, V) -> (B, T). A policy's entropy is that of the distribution it samples from,
+    at its temperature."""
     logits = upcast(logits) / temperature
     return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
 
 def response_logprobs(logits, tokens, start: int, temperature=1.0):
-    """Log-probs of tokens[:, start:] under logits (B, T, V) of the full sequence: logits at start-1+t score token
-    start+t. Returns (B, T-start). Upcast before dividing by the temperature: a bf16 quotient is rounded again."""
+    """Log-probs of tokens[:, start:] under logits (B, T, V) of the full sequence: the logits at
+    start-1+t score token start+t. Returns (B, T-start). Upcast before dividing by the temperature:
+    a bf16 quotient would be rounded again."""
     return logprobs_from_logits(upcast(logits[:, start - 1:-1]) / temperature, tokens[:, start:])
 
 
 def sequence_logps(logits, labels):
-    """Sum of log p(label) over the labelled tokens (labels != -100), shifted by one: the logits at t
-    score the label at t + 1. (B, T, V), (B, T) -> (B,). DPO's and the evaluation's log pi(y|x)."""
+    """Sum of log p(label) over the labelled tokens (labels != -100), shifted by one: the logits
+    at t score the label at t + 1. (B, T, V), (B, T) -> (B,). DPO's and the evaluation's
+    log pi(y|x)."""
     labels = labels[:, 1:]  # (B, T-1)
     logp = logprobs_from_logits(logits[:, :-1], labels.clamp(min=0))  # (B, T-1); -100 read as 0
     return (logp * (labels != -100)).sum(-1)
 
 
 def last_true(mask):
-    """Index of the last True in each row of a (B, T) bool mask: the last real token of a padded sequence."""
+    """Index of the last True in each row of a (B, T) bool mask: the last real token of a padded
+    sequence, however it is padded. (B, T) -> (B,)"""
     T = mask.size(1)
     idx = torch.arange(T, device=mask.device).expand_as(mask)
     return torch.where(mask, idx, -1).max(1).values  # (B,)

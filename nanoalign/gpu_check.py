@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import bench, common, pipeline
+from nanoalign import bench, common, machine, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = "pretrain,sft,rm,ppo,dpo,grpo,rlvr,pretrain_small,distill"
@@ -106,8 +106,8 @@ def speed_worker(args):
                  ppo_batch=gpu["ppo"]["batch_size"], rl_minibatches=gpu["ppo"]["minibatches"],
                  warmup=2, repeats=5, slow_repeats=2)
     c = replace(bench.BenchConfig(), **(sizes if cuda else bench.QUICK))
-    b = bench.Bench(c, args.device, False, [])
-    peaks = bench.machine_peaks(c, args.device)
+    b = bench.Bench(c, args.device, [])
+    peaks = machine.peaks(args.device, c.peak_n)
     nominal = peaks.get("nominal_bf16_tflops")
     peak = 1000 * nominal if nominal else peaks["bf16_gflops"]
     figures = {"peak": peaks, "mfu_peak_gflops": peak, "sizes": asdict(c), "rows": b.rows,
@@ -162,7 +162,7 @@ def main(argv=None):
     torchrun = python + ["torch.distributed.run", "--standalone", f"--nproc_per_node={n_ranks}"]
     worker = ["nanoalign.gpu_check", "--out", out, "--device", device, "--stages", args.stages]
     result = {"command": "python -m nanoalign.gpu_check" + (" --dry" if args.dry else ""),
-              "dry": args.dry, "machine": common.machine_name(device), "device_count": n_ranks,
+              "dry": args.dry, "machine": machine.machine_name(device), "device_count": n_ranks,
               "torch": torch.__version__, "cuda": torch.version.cuda, "ok": False, "parts": {}}
     parts = result["parts"]
 

@@ -1,14 +1,16 @@
 """
 The "human" in RLHF, for real people: label pairs of answers in the terminal.
 
-    python -m nanoalign.label --ckpt out/tiny/sft/ckpt.pt --out data/my_prefs.jsonl          # two samples of one model
-    python -m nanoalign.label --ckpt out/tiny/ppo/ckpt.pt --compare out/tiny/sft/ckpt.pt      # PPO against SFT
+    python -m nanoalign.label --ckpt out/tiny/sft/ckpt.pt --out data/my_prefs.jsonl  # one model
+    python -m nanoalign.label --ckpt out/tiny/ppo/ckpt.pt --compare out/tiny/sft/ckpt.pt  # two
 
-For each prompt two answers are sampled and shown side by side as A and B, in a random order (raters favour the
-first answer they read: the position must not tell which model wrote it). Press a (A is better), b, t (tie), s (skip)
-or q (quit). Every A/B decision is appended to --out at once, in the preference format that train_rm and train_dpo
-read (prompt, chosen, rejected, plus rater and time); every decision, ties and skips included, also goes to
-<out>.log.jsonl. Ctrl-C, q or a crash lose nothing, and running the same command again resumes with the next prompt.
+For each prompt two answers are sampled (two samples of one model, or one of each) and shown side
+by side as A and B, in a random order (raters favour the first answer they read: the position
+must not tell which model wrote it). Press a (A is better), b, t (tie), s (skip) or q (quit).
+Every A/B decision is appended to --out at once, in the preference format that train_rm and
+train_dpo read (prompt, chosen, rejected, plus rater and time); every decision, ties and skips
+included, also goes to <out>.log.jsonl. Ctrl-C, q or a crash lose nothing, and running the same
+command again resumes with the next prompt.
 """
 
 import getpass
@@ -34,7 +36,7 @@ from nanoalign.model import GPT
 
 @dataclass
 class LabelConfig:
-    ckpt: str = "out/tiny/sft/ckpt.pt"  # the model whose answers are compared (two samples per prompt)
+    ckpt: str = "out/tiny/sft/ckpt.pt"  # the model whose answers are compared (2 per prompt)
     compare: str = ""  # a second model: one answer from each (same tokenizer)
     prompts: str = "data/world/prompts_rl.jsonl"  # JSONL prompts (any schema load_prompts reads)
     out: str = "data/human_prefs.jsonl"  # preference pairs are appended here
@@ -42,12 +44,14 @@ class LabelConfig:
     n: int = 20  # prompts to label in this session
     temperature: float = 1.0  # sampling temperature of the answers
     max_new_tokens: int = 96  # length limit of each answer
-    seed: int = 0  # sampling and A/B order (prompt k always gets the same answers and order)
+    # sampling and A/B order (prompt k always gets the same answers and order)
+    seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self):
         common.check(self.n > 0, "n", "must be > 0")
-        common.check(self.temperature > 0, "temperature", "must be > 0 (two greedy answers would be identical)")
+        common.check(self.temperature > 0, "temperature",
+                     "must be > 0 (two greedy answers would be identical)")
 
 
 KEYS = {"a": "A", "b": "B", "t": "tie", "s": "skip", "q": "quit"}
@@ -59,15 +63,16 @@ def load_model(path, device):
 
 
 def two_answers(models, tok, messages, k: int, cfg: LabelConfig, device) -> list[str]:
-    """Two answers to prompt k: one from each model, or two samples of the one model. Seeded by (seed, k)."""
+    """Two answers to prompt k: one from each model, or two samples of the one model. Seeded by
+    (seed, k)."""
     ids = render_chat(tok, messages, add_generation_prompt=True)[0]
     g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + k)
     if len(models) == 1:
-        tokens, mask, P = generate(models[0], [ids, ids], cfg.max_new_tokens, tok.end_id, tok.pad_id,
-                                   cfg.temperature, generator=g)
+        tokens, mask, P = generate(models[0], [ids, ids], cfg.max_new_tokens, tok.end_id,
+                                   tok.pad_id, cfg.temperature, generator=g)
         return response_texts(tok, tokens, mask, P)
-    return [response_texts(tok, *generate(m, [ids], cfg.max_new_tokens, tok.end_id, tok.pad_id, cfg.temperature,
-                                          generator=g))[0] for m in models]
+    return [response_texts(tok, *generate(m, [ids], cfg.max_new_tokens, tok.end_id, tok.pad_id,
+                                          cfg.temperature, generator=g))[0] for m in models]
 
 
 def ask(prompt: str) -> str:
@@ -98,34 +103,41 @@ def main(argv=None):
     models, sources = [model], [cfg.ckpt, cfg.ckpt]
     if cfg.compare:
         other_tok, other = load_model(cfg.compare, device)
-        common.check(other_tok.name == tok.name, "compare", f"tokenizer {other_tok.name} != {tok.name}")
+        common.check(other_tok.name == tok.name, "compare",
+                     f"tokenizer {other_tok.name} != {tok.name}")
         models, sources = [model, other], [cfg.ckpt, cfg.compare]
     prompts, log_path = load_prompts(cfg.prompts), cfg.out + ".log.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     done = set()
-    if os.path.exists(log_path):  # resume: every prompt decided before (ties and skips too) is not asked again
+    # resume: a prompt decided before (ties and skips too) is not asked again
+    if os.path.exists(log_path):
         done = {json.loads(line)["prompt_index"] for line in open(log_path) if line.strip()}
     todo = [k for k in range(len(prompts)) if k not in done][:cfg.n]
     rater = cfg.rater or getpass.getuser()
-    print(f"{len(done)} prompts decided before; {len(todo)} in this session. Keys: a, b, t (tie), s (skip), q (quit).")
+    print(f"{len(done)} prompts decided before; {len(todo)} in this session. "
+          "Keys: a, b, t (tie), s (skip), q (quit).")
     labelled = 0
     try:
         for i, k in enumerate(todo, 1):
             answers = two_answers(models, tok, prompts[k], k, cfg, device)
-            order = [0, 1] if random.Random(cfg.seed * 1_000_003 + k).random() < 0.5 else [1, 0]  # shown A, B
+            # the answers shown as A and B
+            order = [0, 1] if random.Random(cfg.seed * 1_000_003 + k).random() < 0.5 else [1, 0]
             shown = [answers[j] for j in order]
-            print(f"\n[{i}/{len(todo)}] {prompts[k][-1]['content']}\n  A: {shown[0]}\n  B: {shown[1]}")
+            print(f"\n[{i}/{len(todo)}] {prompts[k][-1]['content']}")
+            print(f"  A: {shown[0]}\n  B: {shown[1]}")
             choice = "identical" if shown[0] == shown[1] else ask("A, B, tie, skip or quit? ")
             if choice == "quit":
                 break
             now = time.time()
-            append(log_path, {"prompt_index": k, "choice": choice, "A": sources[order[0]], "B": sources[order[1]],
-                              "models": sources, "rater": rater, "time": now})
+            append(log_path, {"prompt_index": k, "choice": choice, "A": sources[order[0]],
+                              "B": sources[order[1]], "models": sources, "rater": rater,
+                              "time": now})
             if choice in ("A", "B"):
                 win = 0 if choice == "A" else 1
-                append(cfg.out, {"prompt": prompts[k], "chosen": shown[win], "rejected": shown[1 - win],
-                                 "chosen_model": sources[order[win]], "rejected_model": sources[order[1 - win]],
-                                 "rater": rater, "time": now})
+                append(cfg.out, {"prompt": prompts[k], "chosen": shown[win],
+                                 "rejected": shown[1 - win], "chosen_model": sources[order[win]],
+                                 "rejected_model": sources[order[1 - win]], "rater": rater,
+                                 "time": now})
                 labelled += 1
     except KeyboardInterrupt:
         print()

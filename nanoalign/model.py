@@ -1,17 +1,22 @@
 """
 The GPT: a GPT-2-style decoder, with the three things alignment needs on top of nanoGPT's model.
 
-1. Left padding that is exactly right. Batched generation pads prompts on the left, so every forward takes an
-   optional `pad_mask` (B, T) (True = real token) from which it builds
-     - position ids = (number of real tokens before this one), so the first real token is position 0 however much
-       padding precedes it (Huang et al. 2024, "N implementation details", detail 3), and
-     - an attention mask: causal AND key is real, plus every query attends to itself, so a pad query never has an
-       empty row (an all-masked row is 0/0 = NaN on some SDPA backends; PyTorch issue #103749).
-2. A key/value cache for incremental decoding (`KVCache`): keys and values are stored at their absolute slot, and
-   the pad mask of the whole sequence so far keeps the prompt's pads masked at every decoding step.
-3. A scalar head for reward models and PPO's value function, on the same trunk (`output="scalar"` or `"both"`).
+1. Left padding that is exactly right. Batched generation pads prompts on the left, so every
+   forward takes an optional `pad_mask` (B, T) (True = real token) from which it builds
+     - position ids = (number of real tokens before this one), so the first real token is position
+       0 however much padding precedes it (Huang et al. 2024, "N implementation details", detail
+       3), and
+     - an attention mask: causal AND key is real, plus every query attends to itself, so a pad
+       query never has an empty row (an all-masked row is 0/0 = NaN on some SDPA backends;
+       PyTorch issue #103749).
+2. A key/value cache for incremental decoding (`KVCache`): keys and values are stored at their
+   absolute slot, and the pad mask of the whole sequence so far keeps the prompt's pads masked at
+   every decoding step.
+3. A scalar head for reward models and PPO's value function, on the same trunk
+   (`output="scalar"` or `"both"`).
 
-Shape legend: B batch, T time (tokens in this call), S cached + new tokens, C n_embd, V vocab, nh heads, hs = C/nh.
+Shape legend: B batch, T time (tokens in this call), S cached + new tokens, C n_embd, V vocab,
+nh heads, hs = C/nh.
 """
 
 import json
@@ -32,14 +37,16 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    dropout: float = 0.0    # used in pretraining/SFT only; RM, PPO and DPO switch it off (see set_dropout)
+    dropout: float = 0.0    # pretraining/SFT only; RM, PPO and DPO switch it off (set_dropout)
     bias: bool = True       # biases in Linear and LayerNorm, as in GPT-2
-    gelu: str = "none"      # "none": the exact GELU (nanoGPT's); "tanh": GPT-2's approximation, which its weights
-                            # were trained with (load_gpt2 sets it). On CPU the tanh form is a slower kernel
+    # "none": the exact GELU (nanoGPT's); "tanh": GPT-2's approximation, which its weights were
+    # trained with (load_gpt2 sets it). On the CPU the tanh form is a slower kernel
+    gelu: str = "none"
 
 
 class KVCache:
-    """Per-layer keys/values for incremental decoding. Slots are absolute: row b's token at slot s is at k[:, :, s]."""
+    """Per-layer keys/values for incremental decoding. Slots are absolute: row b's token at slot s
+    is at k[b, :, s]."""
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
         hs = cfg.n_embd // cfg.n_head
@@ -52,7 +59,8 @@ class KVCache:
         T = k.size(2)
         self.k[layer][:, :, self.len:self.len + T] = k
         self.v[layer][:, :, self.len:self.len + T] = v
-        return self.k[layer][:, :, :self.len + T], self.v[layer][:, :, :self.len + T]  # (B, nh, S, hs)
+        S = self.len + T
+        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]  # (B, nh, S, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -67,7 +75,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attn_mask, cache, layer):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, S, hs)
         p = self.dropout if self.training else 0.0
@@ -100,14 +109,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, attn_mask, cache, layer):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)  # pre-LayerNorm residual blocks (GPT-2)
+        # pre-LayerNorm residual blocks (GPT-2)
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
 def positions_and_mask(pad_mask, T: int, past: int):
-    """Position ids (B, T) and boolean attention mask (B, 1, T, S) for the last T of S = past + T tokens.
+    """Position ids (B, T) and boolean attention mask (B, 1, T, S) for the last T of S = past + T
+    tokens.
 
-    pad_mask: (B, S) bool, True where the token is real. Position = exclusive cumulative count of real tokens, so
+    pad_mask: (B, S) bool, True where the token is real. Position = exclusive cumulative count of
+    real tokens, so
     left padding does not shift positions; pads get position 0 (never read).
     """
     S = pad_mask.size(1)
@@ -116,7 +128,8 @@ def positions_and_mask(pad_mask, T: int, past: int):
     k_slot = torch.arange(S, device=pad_mask.device)[None, :]  # (1, S)
     causal = k_slot <= q_slot  # (T, S)
     mask = causal[None] & pad_mask[:, None, :]  # (B, T, S): causal and the key is a real token
-    mask = mask | (k_slot == q_slot)[None]  # every query sees itself: no all-masked row, so no NaN for pad queries
+    # every query sees itself: no all-masked row, so no NaN for pad queries
+    mask = mask | (k_slot == q_slot)[None]
     return pos, mask[:, None]  # (B, T), (B, 1, T, S)
 
 
@@ -133,10 +146,11 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2; Press & Wolf 2017)
-        self.scalar_head = None  # added by add_scalar_head() for reward models and PPO's value function
+        self.scalar_head = None  # add_scalar_head(): reward models and PPO's value function
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            # GPT-2: the residual projections are scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):
@@ -149,7 +163,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device="cpu", scalar_head: bool = True) -> "GPT":
-        """The model of a checkpoint dict (common.load_checkpoint reads one), with its scalar head if
+        """The model of a checkpoint dict (load_checkpoint reads one), with its scalar head if
         it had one and scalar_head is true. A stage whose loss never reads a parent's head (SFT or
         DPO from a PPO policy) drops it: under DDP an unused parameter stops the second step."""
         model = cls(GPTConfig(**ckpt["model_config"]))
@@ -165,9 +179,8 @@ class GPT(nn.Module):
         """A Linear(C, 1) read on the trunk's last hidden state.
 
         init="reward": N(0, 1/sqrt(C+1)), bias 0 (Ziegler et al. 2019 code; Huang et al. 2024).
-        init="zero": all zeros, so a fresh value head predicts 0 and cannot disturb the shared trunk early on
-        (Ziegler et al. 2019 zero-initialise the value head).
-        """
+        init="zero": all zeros, so a fresh value head predicts 0 and cannot disturb the shared trunk
+        early on (Ziegler et al. 2019 zero-initialise the value head)."""
         head = nn.Linear(self.config.n_embd, 1, bias=True)
         nn.init.zeros_(head.bias)
         if init == "zero":
@@ -180,22 +193,26 @@ class GPT(nn.Module):
     def forward(self, idx, pad_mask=None, cache: KVCache | None = None, output: str = "logits"):
         """idx (B, T) token ids; pad_mask (B, S) with S = cached + T tokens, True at real tokens.
 
-        pad_mask=None: no padding, or padding on the right only. Causal attention already keeps every real token from
-        seeing a later pad, so a right-padded batch (SFT, RM, DPO) needs no mask and gets the fast fused causal kernel
-        (flash attention on CUDA); the pads' own outputs are junk that the caller never reads.
+        pad_mask=None: no padding, or padding on the right only. Causal attention already keeps
+        every real token from seeing a later pad, so a right-padded batch (SFT, RM, DPO) needs no
+        mask and gets the fast fused causal kernel (flash attention on CUDA); the pads' own
+        outputs are junk that the caller never reads.
 
         output: "logits" -> (B, T, V); "scalar" -> (B, T); "both" -> ((B, T, V), (B, T)).
         """
         B, T = idx.shape
         past = cache.len if cache is not None else 0
-        assert past + T <= self.config.block_size, f"{past + T} tokens > block_size {self.config.block_size}"
+        assert past + T <= self.config.block_size, \
+            f"{past + T} tokens > block_size {self.config.block_size}"
         if pad_mask is None and cache is None:
-            pos, attn_mask = torch.arange(T, device=idx.device)[None], None  # plain causal: the fast kernel
+            # plain causal attention: the fast fused kernel
+            pos, attn_mask = torch.arange(T, device=idx.device)[None], None
         else:
             if pad_mask is None:
                 pad_mask = torch.ones(B, past + T, dtype=torch.bool, device=idx.device)
             pos, attn_mask = positions_and_mask(pad_mask, T, past)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, cache, i)
         if cache is not None:
@@ -207,8 +224,8 @@ class GPT(nn.Module):
         return scalar if output == "scalar" else (self.lm_head(h), scalar)
 
     def scalar_on_fp32(self, h):
-        """The scalar head outside autocast, on (at least) fp32 hidden states: under bf16 a reward or value would be
-        rounded to 8 bits of mantissa (+-0.4% of its size), noise in every advantage."""
+        """The scalar head outside autocast, on (at least) fp32 hidden states: under bf16 a reward
+        or value would be rounded to 8 bits of mantissa (+-0.4%), noise in every advantage."""
         with torch.autocast(h.device.type, enabled=False):
             return self.scalar_head(h.to(torch.promote_types(h.dtype, torch.float32))).squeeze(-1)
 
@@ -217,15 +234,16 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def flops_per_token(self, T: int | None = None) -> float:
-        """Training FLOPs per token: 6N for the matmuls (forward 2N + backward 4N) plus 12*L*C*T for attention
-        (Kaplan et al. 2020; PaLM appendix B), the formula nanoGPT's estimate_mfu uses."""
+        """Training FLOPs per token: 6N for the matmuls (forward 2N + backward 4N) plus 12*L*C*T
+        for attention (Kaplan et al. 2020; PaLM appendix B), as nanoGPT's estimate_mfu counts."""
         cfg, T = self.config, T or self.config.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
 
 
 def set_dropout(model: nn.Module, p: float = 0.0):
-    """RM, PPO and DPO run with dropout off: with it on, PPO's ratio is not 1 before any update (Ziegler et al.).
-    Attention dropout is not a module (SDPA takes it as a number), so it is set on the attention layers too."""
+    """RM, PPO and DPO run with dropout off: with it on, PPO's ratio is not 1 before any update
+    (Ziegler et al.). Attention dropout is not a module (SDPA takes it as a number), so it is set
+    on the attention layers too."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = p
@@ -234,13 +252,14 @@ def set_dropout(model: nn.Module, p: float = 0.0):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# GPT-2 weights from a local Hugging Face checkpoint (pytorch_model.bin or model.safetensors), no download.
+# --------------------------------------------------------------------------------------------
+# GPT-2 weights from a local Hugging Face checkpoint (pytorch_model.bin or model.safetensors)
 
 def read_safetensors(path: str) -> dict:
-    """Minimal reader of the safetensors format: 8-byte little-endian header length, a JSON header, raw tensors."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-              "U8": torch.uint8, "BOOL": torch.bool}
+    """Minimal reader of the safetensors format: an 8-byte little-endian header length, a JSON
+    header, raw tensors."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "U8": torch.uint8, "BOOL": torch.bool}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -250,29 +269,34 @@ def read_safetensors(path: str) -> dict:
         if name == "__metadata__":
             continue
         dtype, numel = dtypes[meta["dtype"]], math.prod(meta["shape"])
-        t = torch.frombuffer(data, dtype=dtype, count=numel, offset=meta["data_offsets"][0]) if numel else \
+        offset = meta["data_offsets"][0]
+        t = torch.frombuffer(data, dtype=dtype, count=numel, offset=offset) if numel else \
             torch.empty(0, dtype=dtype)
         out[name] = t.reshape(meta["shape"]).clone()
     return out
 
 
 def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | None = None) -> GPT:
-    """Build our GPT from a Hugging Face GPT-2 state dict (with or without the "transformer." prefix).
-    n_head is not in the weights: pass it (config.json's "n_head"), else GPT-2's sizes imply it (64-dim heads)."""
+    """Build our GPT from a Hugging Face GPT-2 state dict (with or without the "transformer."
+    prefix). n_head is not in the weights: pass it (config.json's "n_head"), or else GPT-2's sizes
+    imply it (64-dim heads)."""
+    # the legacy causal-mask buffers are not weights
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()
-          if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # legacy causal-mask buffers, not weights
-    sd.pop("lm_head.weight", None)  # tied to wte: may be absent, and is the same tensor when present
+          if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    sd.pop("lm_head.weight", None)  # tied to wte: may be absent, and is the same tensor if present
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
     vocab, n_embd = sd["wte.weight"].shape
     n_pos = sd["wpe.weight"].shape[0]
-    n_head = n_head or max(1, n_embd // 64)  # 12, 16, 20, 25 heads for GPT-2 small, medium, large, xl
-    cfg = GPTConfig(block_size=block_size or n_pos, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
-                    n_embd=n_embd, dropout=0.0, bias=True, gelu="tanh")
-    assert cfg.block_size <= n_pos, f"block_size {cfg.block_size} > the checkpoint's {n_pos} positions"
+    n_head = n_head or max(1, n_embd // 64)  # 12, 16, 20, 25 heads: GPT-2 small, medium, large, xl
+    cfg = GPTConfig(block_size=block_size or n_pos, vocab_size=vocab, n_layer=n_layer,
+                    n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True, gelu="tanh")
+    assert cfg.block_size <= n_pos, \
+        f"block_size {cfg.block_size} > the checkpoint's {n_pos} positions"
     model = GPT(cfg)
     ours = model.state_dict()
-    # HF's GPT-2 uses Conv1D layers that store weights as (in, out); nn.Linear stores (out, in): transpose them.
-    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    # HF's GPT-2 uses Conv1D layers that store weights as (in, out); nn.Linear stores (out, in)
+    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
     for k, v in sd.items():
         key = "transformer." + k
         assert key in ours, f"unexpected key in GPT-2 checkpoint: {k}"
@@ -280,7 +304,8 @@ def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | 
             v = v.t()
         if k == "wpe.weight":
             v = v[:cfg.block_size]
-        assert v.shape == ours[key].shape, f"{k}: checkpoint shape {tuple(v.shape)} != model {tuple(ours[key].shape)}"
+        assert v.shape == ours[key].shape, \
+            f"{k}: checkpoint shape {tuple(v.shape)} != model {tuple(ours[key].shape)}"
         with torch.no_grad():
             ours[key].copy_(v)
     missing = set(ours) - {"transformer." + k for k in sd} - {"lm_head.weight"}
@@ -289,21 +314,24 @@ def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | 
 
 
 def grow_vocab(model: GPT, n: int) -> GPT:
-    """Give the tied embedding n rows (GPT-2 + our chat tokens): the new rows start at the mean of the old ones
-    (Hewitt 2021), so new tokens begin as an average token. Old tokens keep their logits exactly: with tied weights a
+    """Give the tied embedding n rows (GPT-2 + our chat tokens): the new rows start at the mean of
+    the old ones (Hewitt 2021), so new tokens begin as an average token. Old tokens keep their
+    logits exactly: with tied weights a
     logit is h . w_token, and no old row or hidden state changes."""
     old = model.lm_head.weight
     V, C = old.shape
     if n <= V:
         return model
-    weight = nn.Parameter(torch.cat([old.detach(), old.detach().mean(0, keepdim=True).expand(n - V, C)]))
+    mean_row = old.detach().mean(0, keepdim=True)  # (1, C)
+    weight = nn.Parameter(torch.cat([old.detach(), mean_row.expand(n - V, C)]))  # (n, C)
     model.lm_head.weight = model.transformer.wte.weight = weight
     model.lm_head.out_features = model.transformer.wte.num_embeddings = model.config.vocab_size = n
     return model
 
 
 def load_gpt2(path: str, block_size: int | None = None, n_head: int | None = None) -> GPT:
-    """path: a pytorch_model.bin, a model.safetensors, or a directory holding one of them (and config.json)."""
+    """path: a pytorch_model.bin, a model.safetensors, or a directory holding one of them (and
+    config.json)."""
     if os.path.isdir(path):
         if n_head is None and os.path.exists(os.path.join(path, "config.json")):
             with open(os.path.join(path, "config.json")) as f:
@@ -313,7 +341,9 @@ def load_gpt2(path: str, block_size: int | None = None, n_head: int | None = Non
                 path = os.path.join(path, name)
                 break
         else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
-    sd = read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
-                                                                                  weights_only=True)
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin here")
+    if path.endswith(".safetensors"):
+        sd = read_safetensors(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     return gpt2_from_state_dict(sd, block_size, n_head)

@@ -1,15 +1,16 @@
 """
-Sample from any checkpoint. A chat-stage checkpoint (SFT, RM-free policies) is prompted in the chat template; a
-pretrained one continues plain text.
+Sample from any checkpoint. A chat-stage checkpoint (SFT, RM-free policies) is prompted in the
+chat template; a pretrained one continues plain text.
 
-    python -m nanoalign.sample --ckpt out/tiny/sft/ckpt.pt --prompt "Tell me a story about a cat in the park."
+    python -m nanoalign.sample --ckpt out/tiny/sft/ckpt.pt --prompt "Tell me a story about a cat."
     python -m nanoalign.sample --ckpt out/tiny/pretrain/ckpt.pt --prompt "Once upon a time" --n 3
-    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --compare out/tiny/sft/ckpt.pt     # side by side
-    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --chat                               # multi-turn chat
+    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --compare out/tiny/sft/ckpt.pt  # beside
+    python -m nanoalign.sample --ckpt out/tiny/ppo/ckpt.pt --chat  # multi-turn chat
 
-In --chat mode each line you type is a user turn; the conversation so far (yours and the model's turns, in the
-chat template) is the prompt of the next answer, cut from the left to fit the context. /reset starts over; an empty
-line or end of input quits. With --compare both models answer every turn, each continuing its own conversation.
+In --chat mode each line you type is a user turn; the conversation so far (yours and the model's
+turns, in the chat template) is the prompt of the next answer, cut from the left to fit the
+context. /reset starts over; an empty line or end of input quits. With --compare both models
+answer every turn, each continuing its own conversation.
 """
 
 import os
@@ -30,10 +31,13 @@ from nanoalign.model import GPT
 @dataclass
 class SampleConfig:
     ckpt: str = "out/tiny/sft/ckpt.pt"  # any checkpoint written by a stage (or a GPT-2 directory)
-    prompt: str = "Tell me a story about a cat in the park."  # the user's message (or plain text for a base model)
-    compare: str = ""  # a second checkpoint (same tokenizer): its answers are printed beside the first's
+    # the user's message (or plain text for a base model)
+    prompt: str = "Tell me a story about a cat in the park."
+    # a second checkpoint (same tokenizer): its answers are printed beside the first's
+    compare: str = ""
     chat: bool = False  # multi-turn chat from standard input (see above)
-    template: str = "auto"  # "auto" (chat template unless the checkpoint is a pretrained base model), "yes" or "no"
+    # "auto" (the chat template unless the checkpoint is a pretrained base model), "yes" or "no"
+    template: str = "auto"
     n: int = 1  # how many samples per model
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # keep the k most likely tokens (0 = off)
@@ -43,7 +47,8 @@ class SampleConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self):
-        common.check(self.template in ("auto", "yes", "no"), "template", f"auto, yes or no, not {self.template!r}")
+        common.check(self.template in ("auto", "yes", "no"), "template",
+                     f"auto, yes or no, not {self.template!r}")
 
 
 def load(path: str, device: str):
@@ -53,15 +58,18 @@ def load(path: str, device: str):
 
 def answers(model, tok, prompt_ids: list[int], stop: int, cfg: SampleConfig, device) -> list[str]:
     """cfg.n sampled continuations of one prompt, as text (the stop token removed)."""
-    prompt_ids = prompt_ids[-(model.config.block_size - cfg.max_new_tokens):]  # keep the most recent context
+    # keep the most recent context
+    prompt_ids = prompt_ids[-(model.config.block_size - cfg.max_new_tokens):]
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    tokens, mask, P = generate(model, [prompt_ids] * cfg.n, cfg.max_new_tokens, stop, tok.pad_id, cfg.temperature,
-                               cfg.top_k, cfg.top_p, generator=g)
-    return [tok.decode([t for t in row[P:][m[P:]].tolist() if t != stop]) for row, m in zip(tokens, mask)]
+    tokens, mask, P = generate(model, [prompt_ids] * cfg.n, cfg.max_new_tokens, stop, tok.pad_id,
+                               cfg.temperature, cfg.top_k, cfg.top_p, generator=g)
+    return [tok.decode([t for t in row[P:][m[P:]].tolist() if t != stop])
+            for row, m in zip(tokens, mask)]
 
 
 def chat_loop(models: dict, cfg: SampleConfig, device) -> dict:
-    """Multi-turn chat on stdin; every model keeps its own conversation. Returns name -> list of its answers."""
+    """Multi-turn chat on stdin; every model keeps its own conversation. Returns name -> list of
+    its answers."""
     history = {name: [] for name in models}
     said = {name: [] for name in models}
     while True:
@@ -86,17 +94,23 @@ def main(argv=None):
     device = common.init_dist(cfg.device).device
     models = {}
     for path in [cfg.ckpt] + ([cfg.compare] if cfg.compare else []):
-        name = os.path.basename(os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path) or "."))
-        models[name if name not in models else name + "'"] = load(path, device)  # out/x/ppo/ckpt.pt -> "ppo"
+        # out/x/ppo/ckpt.pt -> "ppo"
+        where = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        name = os.path.basename(os.path.abspath(where))
+        models[name if name not in models else name + "'"] = load(path, device)
     names = {tok.name for _, tok, _ in models.values()}
-    common.check(len(names) == 1, "compare", f"the two checkpoints use different tokenizers {sorted(names)}")
+    common.check(len(names) == 1, "compare",
+                 f"the two checkpoints use different tokenizers {sorted(names)}")
     if cfg.chat:
         return chat_loop(models, cfg, device)
     outs = {}
     for name, (ckpt, tok, model) in models.items():
         chat = cfg.template == "yes" or (cfg.template == "auto" and ckpt.get("stage") != "pretrain")
-        ids = render_chat(tok, [{"role": "user", "content": cfg.prompt}], add_generation_prompt=True)[0] if chat \
-            else tok.encode(cfg.prompt)
+        if chat:
+            messages = [{"role": "user", "content": cfg.prompt}]
+            ids = render_chat(tok, messages, add_generation_prompt=True)[0]
+        else:
+            ids = tok.encode(cfg.prompt)
         outs[name] = answers(model, tok, ids, tok.end_id if chat else tok.eot_id, cfg, device)
         for text in outs[name]:
             print(f"--- {name} ({ckpt.get('stage')}) | {cfg.prompt!r}\n{text}")

@@ -8,16 +8,15 @@ log-probs, sums over the response tokens),
     IPO (Azar et al. eq. 17): L = (h - 1 / (2 * beta))^2
     reference-free:           the reference log-ratio is taken to be 0
 
-cDPO smooths the labels: they are assumed flipped with probability eps, as our simulated annotators
-flip them (Mitchell 2023, "A note on DPO with noisy preferences"). The implicit reward of a response
-is beta * (log pi - log pi_ref) (DPO section 5). Chosen and rejected run through one concatenated
-forward. The reference reads the very same batch tensors under the same autocast, without
-gradients: at initialisation h is then exactly 0 and the loss exactly log 2, in bf16 too.
+cDPO assumes labels flipped with probability eps, as our simulated annotators flip them (Mitchell
+2023, "A note on DPO with noisy preferences"). A response's implicit reward is
+beta * (log pi - log pi_ref) (DPO section 5). Chosen and rejected share one forward; the reference
+reads the same batch tensors under the same autocast, without gradients: at initialisation h is
+exactly 0 and the loss exactly log 2, in bf16 too.
 
-Online (iterative) DPO (--online_rounds R): after the offline pass, R rounds of fresh feedback on
-the model's own outputs: sample two responses per prompt from the current policy, label them with
-the reward model (or the gold judge, --online_judge gold), train one pass on the new pairs, and
-optionally move the reference to the current policy.
+Online (iterative) DPO (--online_rounds R): R rounds after the offline pass, each one pass over
+fresh pairs of the current policy's own answers, labelled by the reward model (or --online_judge);
+--online_update_ref moves the reference to the current policy at each round.
 
     python -m nanoalign.train_dpo --init out/tiny/sft/ckpt.pt --data data/world/prefs_train.jsonl
     torchrun --standalone --nproc_per_node=2 nanoalign/train_dpo.py --init out/tiny/sft/ckpt.pt
@@ -75,8 +74,7 @@ class DPOConfig:
     seed: int = 0  # data order and sampling
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (exact comparisons)
-    # continue from out_dir/ckpt.pt exactly where it stopped (in the offline pass)
-    resume: bool = False
+    resume: bool = False  # continue the offline pass from out_dir/ckpt.pt where it stopped
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
 
     def validate(self):
@@ -90,8 +88,7 @@ class DPOConfig:
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta: float, label_smoothing: float = 0.0, ipo: bool = False,
-             reference_free: bool = False):
+             beta: float, label_smoothing=0.0, ipo=False, reference_free=False):
     """Per-pair losses and implicit rewards. All inputs (B,) sequence log-probs.
     Returns (losses, chosen_rewards, rejected_rewards), the rewards detached."""
     pi_logratios = policy_chosen_logps - policy_rejected_logps
@@ -137,7 +134,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     log: common.MetricsLog
     stop: common.StopSignal
-    parent: dict
+    tokenizer_path: str  # the parent's, recorded in every checkpoint
     val_set: list
     step: int = 0
     val_ref: dict = field(default_factory=dict)  # validation chunk -> the reference's log-probs
@@ -145,8 +142,7 @@ class Run:
 
 def save(run: Run):
     common.save_stage(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.d, "dpo", run.raw_policy,
-                      run.optimizer, run.step, run.cfg, run.tok, run.parent["tokenizer_path"],
-                      run.cfg.init)
+                      run.optimizer, run.step, run.cfg, run.tok, run.tokenizer_path, run.cfg.init)
 
 
 @torch.no_grad()
@@ -155,7 +151,7 @@ def validate(run: Run, chunk: int = 64) -> dict:
     log-probs of each chunk are computed once (the same chunks every time)."""
     model, pad_id, device = run.raw_policy, run.tok.pad_id, run.d.device
     model.eval()
-    accuracies, margins = [], []
+    margins = []
     for i in range(0, len(run.val_set), chunk):
         pairs = run.val_set[i:i + chunk]
         chosen, rejected = concatenated_logps(model, pairs, pad_id, device)
@@ -163,11 +159,11 @@ def validate(run: Run, chunk: int = 64) -> dict:
             run.val_ref[i] = concatenated_logps(run.ref, pairs, pad_id, device)
         _, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, *run.val_ref[i],
                                                        run.cfg.beta)
-        accuracies.append((chosen_rewards > rejected_rewards).float())
         margins.append(chosen_rewards - rejected_rewards)
+    margins = torch.cat(margins)
     model.train()
-    return {"val_accuracy": torch.cat(accuracies).mean().item(),
-            "val_margin": torch.cat(margins).mean().item()}
+    return {"val_accuracy": (margins > 0).float().mean().item(),
+            "val_margin": margins.mean().item()}
 
 
 def dpo_step(run: Run, micro_batches: list[list]) -> dict:
@@ -209,11 +205,9 @@ def train_pass(run: Run, pairs: list, phase: str, first: int, n_steps: int, seed
         common.set_lr(run.optimizer, lr)
         idx = common.batch_indices(len(pairs), run.step - first,
                                    per_rank if local else global_batch, seed)
-        micros = range(cfg.grad_accum)
-        if local:
-            micro_rows = [idx[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in micros]
-        else:
-            micro_rows = [common.rank_rows(idx, m, d, cfg.batch_size) for m in micros]
+        layout = common.Dist() if local else d  # online, each rank's batch is its own
+        micro_rows = [common.rank_rows(idx, m, layout, cfg.batch_size)
+                      for m in range(cfg.grad_accum)]
         stats = dpo_step(run, [[pairs[i] for i in rows] for rows in micro_rows])
         run.step += 1
         dt, t0 = time.time() - t0, time.time()
@@ -241,8 +235,7 @@ def online_pairs(cfg, d, tok, policy, rnd, max_len):
     rm = load_reward_model(cfg.reward_model, d.device) if cfg.online_judge == "rm" else None
     start = (rnd * d.world + d.rank) * cfg.online_pairs
     chunk = [prompts[(start + i) % len(prompts)] for i in range(cfg.online_pairs)]
-    seed = cfg.seed * 100003 + rnd * 1009 + d.rank  # per-rank sampling
-    g = torch.Generator(device=d.device).manual_seed(seed)
+    g = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + rnd * 1009 + d.rank)
     judge = None if rm else reward_function(cfg.online_judge)
     return rollout_pairs(policy, tok, chunk, cfg.max_new_tokens, cfg.temperature, g, max_len,
                          rm=rm, judge=judge)
@@ -270,14 +263,13 @@ def train(cfg: DPOConfig):
         step = common.restore(ckpt, policy, optimizer, d)
     run = Run(cfg, d, tok, common.wrap_ddp(policy, d), policy, ref, optimizer,
               common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None),
-              common.StopSignal(d.device), parent, load(cfg.val_data) if cfg.val_data else [],
-              step)
+              common.StopSignal(d.device), parent["tokenizer_path"],
+              load(cfg.val_data) if cfg.val_data else [], step)
     # 1. the offline pass: --epochs over the preference pairs
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     offline_steps = int(cfg.epochs * len(train_set) / global_batch) if train_set else 0
-    finished = True
-    if offline_steps:
-        finished = train_pass(run, train_set, "offline", 0, offline_steps, cfg.seed, local=False)
+    finished = not offline_steps or train_pass(run, train_set, "offline", 0, offline_steps,
+                                               cfg.seed, local=False)
     # 2. online rounds: fresh pairs from the current policy, labelled by the judge
     for rnd in range(cfg.online_rounds if finished else 0):
         pairs = online_pairs(cfg, d, tok, policy, rnd, max_len)

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class MutatedLoader(importlib.machinery.SourceFileLoader):
-    """Compiles the module from its source with `old` replaced by `new` (never from a cached .pyc)."""
+    """Compiles the module from its source with `old` replaced by `new` (never from a cached
+    .pyc)."""
 
     def __init__(self, fullname, path, old, new):
         super().__init__(fullname, path)

@@ -1,9 +1,10 @@
 """Run under `torchrun --nproc_per_node=2` by tests/test_ddp.py (one launch for every stage).
 
 Usage: torchrun --standalone --nproc_per_node=2 tests/ddp_driver.py MICRO_RUN_DIR OUT_DIR
-Each stage trains with its per-rank batch; each rank then writes a checksum of its weights (and PPO's beta), so the test
-can check that ranks agree and compare rank 0's checkpoint with a single process on the same global batch. The PPO
-update is also run on a fixed rollout (identical on every world size) with global and with per-rank whitening.
+Each stage trains with its per-rank batch; each rank then writes a checksum of its weights (and
+PPO's beta), so the test can check that ranks agree and compare rank 0's checkpoint with a single
+process on the same global batch. The PPO update is also run on a fixed rollout (identical on
+every world size) with global and with per-rank whitening.
 """
 
 import json
@@ -22,10 +23,12 @@ def main():
     run, out = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
     common.init_dist("cpu")
-    cleanup, common.cleanup_dist = common.cleanup_dist, lambda: None  # one process group for every stage
+    # one process group for every stage
+    cleanup, common.cleanup_dist = common.cleanup_dist, lambda: None
     sums = {}
     for name, (module, argv) in STAGES.items():
-        args = argv(run, world_size=2) + ["--out_dir", os.path.join(out, "ddp", name), "--device", "cpu"]
+        args = argv(run, world_size=2) + ["--out_dir", os.path.join(out, "ddp", name),
+                                          "--device", "cpu"]
         model = module.main(args)
         sums[name] = [float(p.detach().double().sum()) for p in model.parameters()]
         if name == "ppo":
@@ -34,9 +37,11 @@ def main():
             sums["ppo_kl_coef"] = ck["kl_coef"]
     for whiten in ("global", "local"):
         model, grads = fixed_rollout_update(run, whiten)
-        sums[f"ppo_fixed_rollout_{whiten}"] = [float(p.detach().double().sum()) for p in model.parameters()]
+        sums[f"ppo_fixed_rollout_{whiten}"] = [float(p.detach().double().sum())
+                                               for p in model.parameters()]
         if rank == 0:
-            torch.save({"model": model.state_dict(), "grads": grads}, os.path.join(out, f"ppo_fixed_{whiten}_ddp.pt"))
+            torch.save({"model": model.state_dict(), "grads": grads},
+                       os.path.join(out, f"ppo_fixed_{whiten}_ddp.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(sums, f)
     cleanup()

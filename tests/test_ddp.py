@@ -1,7 +1,8 @@
-"""DDP: one torchrun launch (2 ranks, gloo, CPU) runs every stage; the ranks must agree, and for the stages with a
-fixed global batch rank 0's weights must equal one process trained on the same global batch (in float64: in float32,
-Adam turns the rounding noise of exactly-zero gradients, such as attention key biases', into visible updates). PPO's update is checked
-on a fixed rollout, with a negative control: per-rank advantage whitening must NOT match one process."""
+"""DDP: one torchrun launch (2 ranks, gloo, CPU) runs every stage; the ranks must agree, and for the
+stages with a fixed global batch rank 0's weights must equal one process trained on the same global
+batch (in float64: in float32, Adam turns the rounding noise of exactly-zero gradients, such as
+attention key biases', into visible updates). PPO's update is checked on a fixed rollout, with a
+negative control: per-rank advantage whitening must NOT match one process."""
 
 import json
 import os
@@ -34,44 +35,52 @@ def test_every_stage_keeps_identical_weights_and_beta_on_both_ranks(ddp_run):
     r1 = json.loads((ddp_run / "rank1.json").read_text())
     for name in STAGES:
         assert r0[name] == r1[name], f"{name}: the ranks' weights differ"
-    assert r0["ppo_kl_coef"] == r1["ppo_kl_coef"] and r0["ppo_kl_coef"] != 0.05  # adapted, identically
+    # adapted, identically
+    assert r0["ppo_kl_coef"] == r1["ppo_kl_coef"] and r0["ppo_kl_coef"] != 0.05
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SAME_GLOBAL_BATCH)
 def test_two_ranks_equal_one_process_on_the_same_global_batch(ddp_run, micro_run, name):
     module, argv = STAGES[name]
-    single = module.main(argv(str(micro_run), world_size=1) + ["--out_dir", str(ddp_run / "single" / name),
-                                                                "--device", "cpu"])
+    single = module.main(argv(str(micro_run), world_size=1)
+                         + ["--out_dir", str(ddp_run / "single" / name), "--device", "cpu"])
     ddp = torch.load(ddp_run / "ddp" / name / "ckpt.pt", weights_only=False)["model"]
-    init = torch.load(os.path.join(micro_run, "sft" if name in ("rm", "dpo") else "pretrain", "ckpt.pt"),
-                      weights_only=False)["model"]
+    init_stage = "sft" if name in ("rm", "dpo") else "pretrain"
+    init = torch.load(os.path.join(micro_run, init_stage, "ckpt.pt"), weights_only=False)["model"]
     moved = 0.0
     for k, v in single.state_dict().items():
-        assert torch.allclose(v, ddp[k], atol=1e-9, rtol=1e-7), f"{name}: {k} differs between 2 ranks and 1 process"
+        msg = f"{name}: {k} differs between 2 ranks and 1 process"
+        assert torch.allclose(v, ddp[k], atol=1e-9, rtol=1e-7), msg
         if name != "pretrain" and k in init:
             moved = max(moved, (v - init[k]).abs().max().item())
-    assert name == "pretrain" or moved > 1e-2  # the weights really moved, far beyond the tolerance
+    # the weights really moved, far beyond the tolerance
+    assert name == "pretrain" or moved > 1e-2
 
 
 @pytest.mark.slow
-def test_ppo_update_on_a_fixed_rollout_matches_one_process_only_with_global_whitening(ddp_run, micro_run):
-    """Gradients of the first minibatch (before clipping and any optimizer step, which could hide a uniform scale)
-    and weights after two Adam steps: 2 ranks equal 1 process; per-rank whitening (the negative control) does not."""
+def test_ppo_update_on_a_fixed_rollout_matches_one_process_only_with_global_whitening(ddp_run,
+                                                                                      micro_run):
+    """Gradients of the first minibatch (before clipping and any optimizer step, which could hide a
+    uniform scale) and weights after two Adam steps: 2 ranks equal 1 process; per-rank whitening
+    (the negative control) does not."""
     model, single_grads = fixed_rollout_update(str(micro_run), "global")
     single = model.state_dict()
     ddp = torch.load(ddp_run / "ppo_fixed_global_ddp.pt", weights_only=False)
     local = torch.load(ddp_run / "ppo_fixed_local_ddp.pt", weights_only=False)
-    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(single_grads, ddp["grads"]))
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+               for a, b in zip(single_grads, ddp["grads"]))
     assert all(torch.allclose(single[k], ddp["model"][k], atol=1e-9) for k in single)
-    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-8) for a, b in zip(single_grads, local["grads"]))
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-8)
+                   for a, b in zip(single_grads, local["grads"]))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Fast single-process checks of the same normalisation algebra. Two ranks that hold identical data must step
-# exactly as one process: DDP averages their (identical) gradients, so each rank's loss must be scaled as if it
-# held the whole batch. Faked here with a Dist of world 2 and an all-reduce that doubles (the other rank's share),
-# and compared on gradients (or SGD steps), which, unlike Adam's, keep a uniform scale error visible.
+# --------------------------------------------------------------------------------------------------
+# Fast single-process checks of the same normalisation algebra. Two ranks that hold identical data
+# must step exactly as one process: DDP averages their (identical) gradients, so each rank's loss
+# must be scaled as if it held the whole batch. Faked here with a Dist of world 2 and an all-reduce
+# that doubles (the other rank's share), and compared on gradients (or SGD steps), which, unlike
+# Adam's, keep a uniform scale error visible.
 
 class GradRecorder:
     """An 'optimizer' that records the gradients it is asked to apply."""
@@ -102,7 +111,8 @@ def rl_batch(with_values: bool):
     from nanoalign.model import GPT, GPTConfig
     from nanoalign.rl import rollout
     torch.manual_seed(0)
-    policy = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_embd=16)).double()
+    policy = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    policy.double()
     ref = copy.deepcopy(policy).requires_grad_(False)
     if with_values:
         policy.add_scalar_head("reward").double()
@@ -114,8 +124,8 @@ def rl_batch(with_values: bool):
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_two_identical_ranks_give_one_process_gradients(stage, request):
-    """The minibatch token count is global and divided by the world size: drop the division and every
-    gradient halves on 2 ranks (Adam and clipping hide it; the raw gradients do not)."""
+    """The minibatch token count is global and divided by the world size: drop the division and
+    every gradient halves on 2 ranks (Adam and clipping hide it; the raw gradients do not)."""
     from nanoalign import common
     from nanoalign.train_grpo import GRPOConfig, grpo_update
     from nanoalign.train_ppo import PPOConfig, advantages_and_returns, ppo_update
@@ -126,13 +136,15 @@ def test_two_identical_ranks_give_one_process_gradients(stage, request):
         recorder = GradRecorder(policy.parameters())
         if stage == "ppo":
             cfg = PPOConfig(batch_size=4, minibatches=1, ppo_epochs=1, iterations=1, grad_clip=1e9)
-            adv, ret, _ = advantages_and_returns(ro, torch.tensor([1.0, -1.0, 0.5, 0.0]).double(), 0.05, cfg)
+            scores = torch.tensor([1.0, -1.0, 0.5, 0.0]).double()
+            adv, ret, _ = advantages_and_returns(ro, scores, 0.05, cfg)
             ppo_update(policy, recorder, ro, adv, ret, cfg, 0, d)
         else:
-            cfg = GRPOConfig(prompts_per_iter=2, group_size=2, minibatches=1, ppo_epochs=1, iterations=1,
-                             grad_clip=1e9)
+            cfg = GRPOConfig(prompts_per_iter=2, group_size=2, minibatches=1, ppo_epochs=1,
+                             iterations=1, grad_clip=1e9)
             keep = torch.ones(4, dtype=torch.bool)
-            grpo_update(policy, recorder, ro, torch.tensor([1.0, -1.0, 0.5, -0.5]).double(), keep, cfg, 0, d)
+            advantages = torch.tensor([1.0, -1.0, 0.5, -0.5]).double()
+            grpo_update(policy, recorder, ro, advantages, keep, cfg, 0, d)
         grads[world] = recorder.grads[0]
     assert any(g.abs().max() > 1e-3 for g in grads[1])
     for one, two in zip(grads[1], grads[2]):
@@ -141,18 +153,20 @@ def test_two_identical_ranks_give_one_process_gradients(stage, request):
 
 def sft_run(micro_run, tmp_path, monkeypatch, name, batch_size, grad_accum, data):
     from nanoalign import common, train_sft
-    monkeypatch.setattr(common, "make_optimizer", lambda model, lr, wd: torch.optim.SGD(model.parameters(), lr))
+    sgd = lambda model, lr, wd: torch.optim.SGD(model.parameters(), lr)
+    monkeypatch.setattr(common, "make_optimizer", sgd)
     model = train_sft.main(["--init", str(micro_run / "pretrain" / "ckpt.pt"), "--data", str(data),
-                            "--val_data", "", "--max_steps", "2", "--warmup", "0", "--lr", "0.5", "--grad_clip",
-                            "0", "--batch_size", str(batch_size), "--grad_accum", str(grad_accum),
-                            "--eval_interval", "100", "--dtype", "float64", "--out_dir", str(tmp_path / name),
+                            "--val_data", "", "--max_steps", "2", "--warmup", "0", "--lr", "0.5",
+                            "--grad_clip", "0", "--batch_size", str(batch_size),
+                            "--grad_accum", str(grad_accum), "--eval_interval", "100",
+                            "--dtype", "float64", "--out_dir", str(tmp_path / name),
                             "--device", "cpu"])
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_sft_gradient_accumulation_equals_one_big_batch(micro_run, tmp_path, monkeypatch):
-    """Global token normalisation: 2 micro-batches of 4 step exactly as one batch of 8 (plain SGD, so a
-    per-micro-batch mean would show as a different step)."""
+    """Global token normalisation: 2 micro-batches of 4 step exactly as one batch of 8 (plain SGD,
+    so a per-micro-batch mean would show as a different step)."""
     data = micro_run / "world" / "sft_train.jsonl"
     one = sft_run(micro_run, tmp_path, monkeypatch, "one", 8, 1, data)
     accumulated = sft_run(micro_run, tmp_path, monkeypatch, "accum", 4, 2, data)

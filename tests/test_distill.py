@@ -1,5 +1,5 @@
-"""Knowledge distillation: the loss against its formula (Hinton et al. 2015), the teacher never learns, and the
-pipeline's student is smaller than its teacher and gets evaluated."""
+"""Knowledge distillation: the loss against its formula (Hinton et al. 2015), the teacher never
+learns, and the pipeline's student is smaller than its teacher and gets evaluated."""
 
 import json
 
@@ -21,7 +21,8 @@ def test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_te
     for T in (1.0, 2.0, 4.0):
         loss, kl, _ = distill_loss(s, t, targets, mask, T, alpha=1.0, n_tokens=int(mask.sum()))
         p, q = F.softmax(t / T, -1), F.softmax(s / T, -1)
-        by_hand = (p * (p.log() - q.log())).sum(-1)[mask].mean()  # KL(teacher_T || student_T) per token
+        # KL(teacher_T || student_T) per token
+        by_hand = (p * (p.log() - q.log())).sum(-1)[mask].mean()
         assert torch.allclose(loss, T * T * by_hand, atol=1e-5) and abs(kl - by_hand.item()) < 1e-5
         same, _, _ = distill_loss(t, t, targets, mask, T, alpha=1.0, n_tokens=int(mask.sum()))
         assert abs(same.item()) < 1e-6
@@ -39,12 +40,14 @@ def test_hard_term_is_the_cross_entropy_of_the_teachers_tokens():
 
 def test_only_the_student_gets_gradients():
     torch.manual_seed(0)
-    teacher = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32)).requires_grad_(False)
+    teacher = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    teacher.requires_grad_(False)
     student = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16))
     x = torch.randint(20, (2, 8))
     with torch.no_grad():
         t = teacher(x)[:, :-1]
-    loss, _, _ = distill_loss(student(x)[:, :-1], t, x[:, 1:], torch.ones(2, 7, dtype=torch.bool), 2.0, 0.5, 14)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    loss, _, _ = distill_loss(student(x)[:, :-1], t, x[:, 1:], mask, 2.0, 0.5, 14)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
@@ -54,4 +57,5 @@ def test_pipeline_distills_a_smaller_student_and_reports_it(micro_run):
     report = json.loads((micro_run / "report.json").read_text())
     d = report["stages"]["distill"]
     assert d["student_params"] < d["teacher_params"] and d["student_new_tokens_per_s"] > 0
-    assert 0.0 <= d["win_rate_vs_sft"] <= 1.0 and "Distillation" in (micro_run / "report.md").read_text()
+    assert (0.0 <= d["win_rate_vs_sft"] <= 1.0
+            and "Distillation" in (micro_run / "report.md").read_text())

@@ -1,6 +1,7 @@
-"""Documentation cannot rot: every `python -m nanoalign.<module> ...` line in a ```bash block of README.md and the
-tutorials runs here, in order, shrunk to seconds (one step, the micro world) and pointed at a copy of the micro run
-instead of out/tiny and data/world. torchrun lines are parsed (every flag must exist) but not launched."""
+"""Documentation cannot rot: every `python -m nanoalign.<module> ...` line in a ```bash block of
+README.md and the tutorials runs here, in order, shrunk to seconds (one step, the micro world) and
+pointed at a copy of the micro run instead of out/tiny and data/world. torchrun lines are parsed
+(every flag must exist) but not launched."""
 
 import dataclasses
 import importlib
@@ -12,20 +13,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "data" / "README.md"] + sorted((ROOT / "tutorials").rglob("*.md"))
+DOCS = ([ROOT / "README.md", ROOT / "data" / "README.md"]
+        + sorted((ROOT / "tutorials").rglob("*.md")))
 
-# Flags appended to shrink each command to seconds (argparse keeps the last value of a repeated flag).
+# Flags appended to shrink each command to seconds (argparse keeps the last value of a repeated
+# flag).
 SHRINK = {
     "train_pretrain": ["--stop_at", "1", "--eval_batches", "1"],
     "train_sft": ["--stop_at", "1"], "train_rm": ["--stop_at", "1", "--norm_examples", "8"],
     "train_dpo": ["--stop_at", "1", "--online_pairs", "8", "--max_new_tokens", "16"],
-    "train_ppo": ["--stop_at", "1", "--batch_size", "8", "--minibatches", "2", "--max_new_tokens", "16"],
-    "train_grpo": ["--stop_at", "1", "--prompts_per_iter", "4", "--group_size", "2", "--minibatches", "2",
-                   "--max_new_tokens", "16"],
+    "train_ppo": ["--stop_at", "1", "--batch_size", "8", "--minibatches", "2",
+                  "--max_new_tokens", "16"],
+    "train_grpo": ["--stop_at", "1", "--prompts_per_iter", "4", "--group_size", "2",
+                   "--minibatches", "2", "--max_new_tokens", "16"],
     "evaluate": ["--n_prompts", "8", "--max_new_tokens", "16"],
     "sample": ["--max_new_tokens", "8"],
-    "pipeline": ["--preset", "micro", "--seeds", "1", "--ppo_betas", "0.2", "--dpo_betas", "0.3", "--best_of", "1,2",
-                 "--overopt_iters", "2"],
+    "pipeline": ["--preset", "micro", "--seeds", "1", "--ppo_betas", "0.2", "--dpo_betas", "0.3",
+                 "--best_of", "1,2", "--overopt_iters", "2"],
     "world": ["--scale", "0.02"],
     "bench": ["--quick", "--only", "generate"],
     "train_distill": ["--stop_at", "1", "--batch_size", "4", "--max_new_tokens", "16"],
@@ -49,7 +53,8 @@ def documented_commands():
                 continue
             text, pending = text.strip(), ""
             if in_block and text:
-                text = text.split("&&")[-1].strip()  # `pip install ... && python -m ...`: the python part
+                # `pip install ... && python -m ...`: the python part
+                text = text.split("&&")[-1].strip()
                 if text.startswith(("python -m nanoalign.", "torchrun ")):
                     found.append((path.relative_to(ROOT), i, shlex.split(text)))
     return found
@@ -60,12 +65,14 @@ COMMANDS = documented_commands()
 
 def test_the_docs_show_commands_for_every_stage():
     modules = {w[2].split(".")[1] for _, _, w in COMMANDS if w[0] == "python"}
-    stages = {"pipeline", "train_sft", "train_rm", "train_ppo", "train_dpo", "train_grpo", "sample", "evaluate"}
+    stages = {"pipeline", "train_sft", "train_rm", "train_ppo", "train_dpo", "train_grpo", "sample",
+              "evaluate"}
     assert stages <= modules
 
 
 def documented_files():
-    """{name: text} of the ```python blocks whose first line is `# <name>.py` (e.g. README's myreward.py)."""
+    """{name: text} of the ```python blocks whose first line is `# <name>.py` (e.g. README's
+    myreward.py)."""
     files = {}
     for path in DOCS:
         for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S):
@@ -77,10 +84,11 @@ def documented_files():
 
 @pytest.fixture(scope="module")
 def docs_run(micro_run, tmp_path_factory):
-    """A private copy of the micro run, so documented commands may write anywhere in it; beside it (the commands'
-    working directory) what the "your own" sections assume: a GPT-2 directory at models/gpt2 (a tiny random stand-in
-    in Hugging Face's layout), my_data/hh.jsonl and hh_test.jsonl (Anthropic HH), my_data/text.txt,
-    data/human_prefs.jsonl (as the labelling tool writes it, with its log), and the files the docs show."""
+    """A private copy of the micro run, so documented commands may write anywhere in it; beside it
+    (the commands' working directory) what the "your own" sections assume: a GPT-2 directory at
+    models/gpt2 (a tiny random stand-in in Hugging Face's layout), my_data/hh.jsonl and
+    hh_test.jsonl (Anthropic HH), my_data/text.txt, data/human_prefs.jsonl (as the labelling tool
+    writes it, with its log), and the files the docs show."""
     run = tmp_path_factory.mktemp("docs") / "run"
     shutil.copytree(micro_run, run)
     import json
@@ -93,18 +101,24 @@ def docs_run(micro_run, tmp_path_factory):
     vocab = write_gpt2_files(str(gpt2))
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=len(vocab), block_size=128, n_layer=1, n_head=2, n_embd=32))
-    write_safetensors(fake_hf_gpt2_state_dict(model, with_buffers=False), gpt2 / "model.safetensors")
+    sd = fake_hf_gpt2_state_dict(model, with_buffers=False)
+    write_safetensors(sd, gpt2 / "model.safetensors")
     (gpt2 / "config.json").write_text(json.dumps({"n_head": 2}))
-    (run.parent / "my_data").mkdir()
-    (run.parent / "my_data" / "hh.jsonl").write_text("".join(json.dumps(hh_record(i)) + "\n" for i in range(16)))
-    (run.parent / "my_data" / "hh_test.jsonl").write_text("".join(json.dumps(hh_record(i)) + "\n"
-                                                                 for i in range(16, 24)))
-    (run.parent / "my_data" / "text.txt").write_text("Hello world. This is my own text.\n\nA second document.\n" * 400)
-    (run.parent / "data").mkdir()  # what `python -m nanoalign.label` writes (a copy of preference pairs here)
+    my_data = run.parent / "my_data"
+    my_data.mkdir()
+    (my_data / "hh.jsonl").write_text("".join(json.dumps(hh_record(i)) + "\n" for i in range(16)))
+    (my_data / "hh_test.jsonl").write_text("".join(json.dumps(hh_record(i)) + "\n"
+                                                   for i in range(16, 24)))
+    own_text = "Hello world. This is my own text.\n\nA second document.\n"
+    (my_data / "text.txt").write_text(own_text * 400)
+    # what `python -m nanoalign.label` writes (a copy of preference pairs here)
+    (run.parent / "data").mkdir()
     shutil.copy(run / "world" / "prefs_val.jsonl", run.parent / "data" / "human_prefs.jsonl")
-    decisions = [{"prompt_index": i, "choice": c, "A": "ppo.pt", "B": "sft.pt", "models": ["ppo.pt", "sft.pt"]}
-                 for i, c in enumerate(["A", "B", "tie", "skip"])]  # and the decisions' log beside it
-    (run.parent / "data" / "human_prefs.jsonl.log.jsonl").write_text("".join(json.dumps(d) + "\n" for d in decisions))
+    # and the decisions' log beside it
+    decisions = [{"prompt_index": i, "choice": c, "A": "ppo.pt", "B": "sft.pt",
+                  "models": ["ppo.pt", "sft.pt"]} for i, c in enumerate(["A", "B", "tie", "skip"])]
+    log = run.parent / "data" / "human_prefs.jsonl.log.jsonl"
+    log.write_text("".join(json.dumps(d) + "\n" for d in decisions))
     for name, text in documented_files().items():
         (run.parent / name).write_text(text)
     return run
@@ -117,15 +131,18 @@ def remap(value: str, run: Path) -> str:
 
 
 def defaults_to_remap(module, argv, run):
-    """Config fields left at a default under out/tiny or data/world (e.g. out_dir) are pointed at the copy too."""
-    cls = next((v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
+    """Config fields left at a default under out/tiny or data/world (e.g. out_dir) are pointed at
+    the copy too."""
+    cls = next((v for v in vars(module).values()
+                if dataclasses.is_dataclass(v) and isinstance(v, type)
                 and v.__module__ == module.__name__), None)
     if cls is None:
         return []
     given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     extra = []
     for f in dataclasses.fields(cls):
-        if f.name not in given and isinstance(f.default, str) and remap(f.default, run) != f.default:
+        if (f.name not in given and isinstance(f.default, str)
+                and remap(f.default, run) != f.default):
             extra += [f"--{f.name}", remap(f.default, run)]
     return extra
 
@@ -133,13 +150,15 @@ def defaults_to_remap(module, argv, run):
 @pytest.mark.parametrize("where,line,words", COMMANDS, ids=[f"{p}:{n}" for p, n, _ in COMMANDS])
 def test_documented_command_runs(where, line, words, docs_run, monkeypatch):
     monkeypatch.chdir(docs_run.parent)
-    monkeypatch.syspath_prepend(str(docs_run.parent))  # `python -m` imports your own reward from the working dir
+    # `python -m` imports your own reward from the working dir
+    monkeypatch.syspath_prepend(str(docs_run.parent))
     if words[0] == "torchrun":  # parse only: the script's flags must all exist
         script = next(w for w in words if w.endswith(".py"))
         name = Path(script).stem
         argv = [remap(w, docs_run) for w in words[words.index(script) + 1:]]
         module = importlib.import_module(f"nanoalign.{name}")
-        cls = next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
+        cls = next(v for v in vars(module).values()
+                   if dataclasses.is_dataclass(v) and isinstance(v, type)
                    and v.__module__ == module.__name__)
         from nanoalign import common
         common.parse_config(cls, argv)

@@ -35,7 +35,8 @@ def test_each_signature_fires_on_its_failing_case():
     assert "no end token" in names(rows)
     rising_proxy_falling_gold = ppo_rows(20, lambda i: 0.1 * i, lambda i: 1.0 - 0.05 * i)
     assert "over-optimisation" in names(rising_proxy_falling_gold)
-    # the shape of DPO at beta 0.03 in the tiny sweep: chosen -21.4 -> -29.9, rejected -23.2 -> -37.8
+    # the shape of DPO at beta 0.03 in the tiny sweep:
+    # chosen -21.4 -> -29.9, rejected -23.2 -> -37.8
     dpo = [{"step": i, "loss": 0.5, "logps/chosen": -21.0 - i, "logps/rejected": -23.0 - 1.5 * i}
            for i in range(12)]
     assert "DPO log-probs collapsing" in names(dpo)

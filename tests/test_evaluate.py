@@ -1,8 +1,11 @@
-"""The evaluation's reward-model diagnosis on the built-in world: agreement with the gold judge split by what separates
-the two answers of a pair. The split must classify hand-made pairs as intended, cover every untied pair once, and
-agree with the RM stage's own gold agreement, computed by other code."""
+"""The evaluation's reward-model diagnosis on the built-in world: agreement with the gold judge
+split by what separates the two answers of a pair. The split must classify hand-made pairs as
+intended, cover every untied pair once, and agree with the RM stage's own gold agreement, computed
+by other code. And the split of the files: evaluate.py measures, report.py writes."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,25 +25,35 @@ def pair(prompt, chosen, rejected, gc, gr):
 def test_pair_kinds_on_hand_made_pairs():
     q = "Ben has two balls and gives one to Jack. How many balls does Ben have now?"
     story = "Write a short story about Tim on the farm."
-    records = [pair(q, "Ben has one ball.", "Ben has seven balls.", 1.2, 0.3),  # right vs wrong: answer
-               pair(q, "Ben has one ball.", "Ben has one ball. Ben was sad.", 1.2, 0.6),  # both right
-               pair(story, "A bird named Tim lived on the farm. The end.", "A cat named Emma lived on the farm.", 1.0,
-                    0.2),  # one leaves out the requested hero: topic
-               pair(story, "Tim lived on the farm. Tim was happy.", "Tim lived on the farm. Tim was sad.", 0.9, 0.1),
-               pair(story, "Tim was on the farm.", "Tim lived on the farm.", 0.5, 0.5),  # a gold tie: left out
-               # the annotator chose the worse answer (negative gold margin); the RM prefers the rejected one: agrees
-               pair(q, "Ben has seven balls.", "Ben has one ball.", 0.3, 1.2),
-               # wrong first sentence, but the answer word later: the judge's partial credit, so correctness differs
-               pair(q, "Ben has seven balls. Two take away one is one.", "Ben has seven balls.", 0.5, 0.3)]
-    out = evaluate.agreement_by_kind(records, [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    records = [
+        # right vs wrong: answer
+        pair(q, "Ben has one ball.", "Ben has seven balls.", 1.2, 0.3),
+        # both right
+        pair(q, "Ben has one ball.", "Ben has one ball. Ben was sad.", 1.2, 0.6),
+        # one leaves out the requested hero: topic
+        pair(story, "A bird named Tim lived on the farm. The end.",
+             "A cat named Emma lived on the farm.", 1.0, 0.2),
+        pair(story, "Tim lived on the farm. Tim was happy.", "Tim lived on the farm. Tim was sad.",
+             0.9, 0.1),
+        # a gold tie: left out
+        pair(story, "Tim was on the farm.", "Tim lived on the farm.", 0.5, 0.5),
+        # the annotator chose the worse answer (negative gold margin); the RM prefers the rejected
+        # one: agrees
+        pair(q, "Ben has seven balls.", "Ben has one ball.", 0.3, 1.2),
+        # wrong first sentence, but the answer word later: the judge's partial credit, so
+        # correctness differs
+        pair(q, "Ben has seven balls. Two take away one is one.", "Ben has seven balls.", 0.5, 0.3)]
+    rm_chosen = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    rm_rejected = [0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    out = evaluate.agreement_by_kind(records, rm_chosen, rm_rejected)
     assert {k: (v["n"], v["gold_agreement"]) for k, v in out.items()} == {
         "answer": (3, 1.0), "question_other": (1, 0.0), "topic": (1, 0.0), "story_other": (1, 1.0)}
     assert out["answer"]["mean_abs_margin"] == pytest.approx((0.9 + 0.9 + 0.2) / 3)
 
 
 def test_pair_logps_are_the_dpo_stages_sequence_logps(micro_run):
-    """Both sides share the prompt, so a prompt token leaking into the sums would cancel in every accuracy: compare
-    the sums themselves with DPO's own (labels -100 on the prompt)."""
+    """Both sides share the prompt, so a prompt token leaking into the sums would cancel in every
+    accuracy: compare the sums themselves with DPO's own (labels -100 on the prompt)."""
     ckpt = common.load_checkpoint(str(micro_run / "sft" / "ckpt.pt"))
     tok, model = load_tokenizer(ckpt["tokenizer_path"]), GPT.from_checkpoint(ckpt, "cpu").eval()
     pairs = [tokenize_pref(tok, r, model.config.block_size)
@@ -54,10 +67,11 @@ def test_pair_logps_are_the_dpo_stages_sequence_logps(micro_run):
 def test_kinds_cover_the_pairs_and_match_the_rm_stages_gold_agreement(micro_run, tmp_path):
     val = str(micro_run / "world" / "prefs_val.jsonl")
     rm_path = str(micro_run / "rm" / "ckpt.pt")
-    results = evaluate.main(["--models", f"sft={micro_run / 'sft' / 'ckpt.pt'}", "--sft",
-                             str(micro_run / "sft" / "ckpt.pt"), "--reward_model", rm_path, "--pairs", val,
-                             "--prompts", str(micro_run / "world" / "prompts_eval.jsonl"), "--n_prompts", "4",
-                             "--max_new_tokens", "8"])
+    sft_path = str(micro_run / "sft" / "ckpt.pt")
+    results = evaluate.main(["--models", f"sft={sft_path}", "--sft", sft_path,
+                             "--reward_model", rm_path, "--pairs", val,
+                             "--prompts", str(micro_run / "world" / "prompts_eval.jsonl"),
+                             "--n_prompts", "4", "--max_new_tokens", "8"])
     kinds = results["reward_model"]["gold_agreement_by_kind"]
     untied = [r for r in load_prefs(val) if r["gold_chosen"] != r["gold_rejected"]]
     assert sum(k["n"] for k in kinds.values()) == len(untied)
@@ -69,3 +83,10 @@ def test_kinds_cover_the_pairs_and_match_the_rm_stages_gold_agreement(micro_run,
     overall = sum(k["n"] * k["gold_agreement"] for k in kinds.values()) / len(untied)
     assert overall == pytest.approx(stage["gold_agreement"], abs=1e-9)
     json.dumps(results)  # the whole result stays JSON
+
+
+def test_evaluate_measures_and_never_imports_the_report():
+    """report.py reads evaluate.py's measures; the other way round would be a cycle."""
+    source = Path(evaluate.__file__).read_text()
+    imports = re.findall(r"^\s*(?:from|import) +(\S+)(?: +import +(.*))?$", source, re.M)
+    assert not [m for m, names in imports if "report" in m or "report" in (names or "")]

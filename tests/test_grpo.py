@@ -1,4 +1,5 @@
-"""Invariants of the critic-free estimators (correctness.md I-G1..I-G4) and of the k3-in-the-loss gradient."""
+"""Invariants of the critic-free estimators (GRPO, RLOO, Dr. GRPO) and of the k3-in-the-loss
+gradient."""
 
 import torch
 
@@ -9,7 +10,8 @@ from nanoalign.train_grpo import clipped_policy_loss, group_advantages
 def test_group_advantages_sum_to_zero_without_std_and_for_rloo():
     torch.manual_seed(0)
     r = torch.randn(5, 4)
-    assert torch.allclose(group_advantages(r, "grpo", scale_by_std=False).sum(1), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(group_advantages(r, "grpo", scale_by_std=False).sum(1), torch.zeros(5),
+                          atol=1e-6)
     assert torch.allclose(group_advantages(r, "rloo").sum(1), torch.zeros(5), atol=1e-6)
     assert torch.allclose(group_advantages(r, "grpo").sum(1), torch.zeros(5), atol=1e-5)
 
@@ -24,7 +26,8 @@ def test_rloo_baseline_excludes_the_sample_itself():
             brute[g, i] = r[g, i] - sum(others) / len(others)
     assert torch.allclose(group_advantages(r, "rloo"), brute, atol=1e-6)
     # and equals G / (G - 1) times the mean-centred reward
-    assert torch.allclose(group_advantages(r, "rloo"), 5 / 4 * (r - r.mean(1, keepdim=True)), atol=1e-6)
+    assert torch.allclose(group_advantages(r, "rloo"), 5 / 4 * (r - r.mean(1, keepdim=True)),
+                          atol=1e-6)
 
 
 def test_grpo_normalises_by_the_group_std():
@@ -44,7 +47,8 @@ def test_a_group_with_identical_rewards_has_zero_advantage_and_zero_policy_gradi
         assert (adv == 0).all()
         logprobs = torch.randn(4, 6, requires_grad=True)
         mask = torch.ones(4, 6, dtype=torch.bool)
-        loss, _ = clipped_policy_loss(logprobs, logprobs.detach(), adv, mask, 0.2, ("token", mask.sum()))
+        loss, _ = clipped_policy_loss(logprobs, logprobs.detach(), adv, mask, 0.2,
+                                      ("token", mask.sum()))
         loss.backward()
         assert torch.equal(logprobs.grad, torch.zeros(4, 6))
 
@@ -56,28 +60,33 @@ def test_first_update_has_ratio_one_and_token_vs_sequence_normalisation_differ_b
     tok_loss, s = clipped_policy_loss(logprobs, logprobs, adv, mask, 0.2, ("token", mask.sum()))
     seq_loss, _ = clipped_policy_loss(logprobs, logprobs, adv, mask, 0.2, ("sequence", 2))
     assert s["ratio"] == 1.0 and s["clipfrac"] == 0.0
-    assert torch.allclose(tok_loss, torch.tensor(-(4 * 1.0 - 0.5) / 5))  # every token weighs the same
-    assert torch.allclose(seq_loss, torch.tensor(-(1.0 - 0.5) / 2))  # every response weighs the same
+    # every token weighs the same
+    assert torch.allclose(tok_loss, torch.tensor(-(4 * 1.0 - 0.5) / 5))
+    # every response weighs the same
+    assert torch.allclose(seq_loss, torch.tensor(-(1.0 - 0.5) / 2))
 
 
 def test_k3_in_the_loss_has_the_gradient_of_reverse_kl_ref_to_policy():
-    """On samples from pi, E_pi[grad k3] = grad KL(pi_ref || pi), not grad KL(pi || pi_ref) (Tang & Munos 2025)."""
+    """On samples from pi, E_pi[grad k3] = grad KL(pi_ref || pi), not grad KL(pi || pi_ref) (Tang &
+    Munos 2025)."""
     theta = torch.tensor([0.3, -0.2, 0.5, 0.0], requires_grad=True)
     ref = torch.tensor([0.1, 0.4, 0.2, 0.3])
     logp = torch.log_softmax(theta, 0)
     pi = logp.exp().detach()
     k3 = kl_estimates(logp, ref.log())[2]
-    (grad_k3,) = torch.autograd.grad((pi * k3).sum(), theta)  # exact expectation over an enumerated distribution
-    (grad_reverse,) = torch.autograd.grad((ref * (ref.log() - torch.log_softmax(theta, 0))).sum(), theta)
-    (grad_forward,) = torch.autograd.grad((torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - ref.log())).sum(),
-                                          theta)
+    # exact expectation over an enumerated distribution
+    (grad_k3,) = torch.autograd.grad((pi * k3).sum(), theta)
+    reverse = (ref * (ref.log() - torch.log_softmax(theta, 0))).sum()
+    (grad_reverse,) = torch.autograd.grad(reverse, theta)
+    forward = (torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - ref.log())).sum()
+    (grad_forward,) = torch.autograd.grad(forward, theta)
     assert torch.allclose(grad_k3, grad_reverse, atol=1e-6)
     assert not torch.allclose(grad_k3, grad_forward, atol=1e-3)
 
 
 def test_dropped_groups_make_no_update_even_with_adam_momentum():
-    """DAPO's dynamic sampling: a minibatch whose groups all agree is skipped, not stepped with zero gradients (Adam's
-    momentum from earlier updates would still move the weights)."""
+    """DAPO's dynamic sampling: a minibatch whose groups all agree is skipped, not stepped with zero
+    gradients (Adam's momentum from earlier updates would still move the weights)."""
     import copy
     from nanoalign.common import Dist, make_optimizer
     from nanoalign.model import GPT, GPTConfig
@@ -87,15 +96,18 @@ def test_dropped_groups_make_no_update_even_with_adam_momentum():
     policy = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_embd=16))
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     cfg = GRPOConfig(prompts_per_iter=2, group_size=2, minibatches=2, ppo_epochs=1, iterations=4)
-    ro = rollout(policy, ref, [[1, 2, 3]] * 2 + [[4, 5]] * 2, end_id=39, pad_id=0, max_new_tokens=6, temperature=1.0,
-                 generator=torch.Generator().manual_seed(0))
+    ro = rollout(policy, ref, [[1, 2, 3]] * 2 + [[4, 5]] * 2, end_id=39, pad_id=0, max_new_tokens=6,
+                 temperature=1.0, generator=torch.Generator().manual_seed(0))
     optimizer = make_optimizer(policy, 1e-2, 0.0)
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    stats, _ = grpo_update(policy, optimizer, ro, advantages, torch.ones(4, dtype=torch.bool), cfg, 0, Dist())
+    keep = torch.ones(4, dtype=torch.bool)
+    stats, _ = grpo_update(policy, optimizer, ro, advantages, keep, cfg, 0, Dist())
     assert stats  # a real update: Adam now has momentum
     before = [p.detach().clone() for p in policy.parameters()]
-    stats, _ = grpo_update(policy, optimizer, ro, advantages, torch.zeros(4, dtype=torch.bool), cfg, 1, Dist())
+    keep = torch.zeros(4, dtype=torch.bool)
+    stats, _ = grpo_update(policy, optimizer, ro, advantages, keep, cfg, 1, Dist())
     assert stats == []
     assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters()))
-    stats, _ = grpo_update(policy, optimizer, ro, advantages, torch.tensor([True, True, False, False]), cfg, 2, Dist())
+    keep = torch.tensor([True, True, False, False])
+    stats, _ = grpo_update(policy, optimizer, ro, advantages, keep, cfg, 2, Dist())
     assert stats and any(not torch.equal(a, p) for a, p in zip(before, policy.parameters()))

@@ -1,4 +1,4 @@
-"""The pure loss and advantage functions against their papers' formulas (correctness.md section 3)."""
+"""The pure loss and advantage functions against their papers' formulas."""
 
 import math
 
@@ -15,7 +15,7 @@ from nanoalign.train_sft import sft_loss
 LOG2 = math.log(2)
 
 
-# ------------------------------------------------------------------------------------------------ SFT
+# ----------------------------------------------------------------------------------- SFT
 
 def test_sft_loss_is_mean_response_token_nll_and_ignores_prompt_labels():
     torch.manual_seed(0)
@@ -24,8 +24,8 @@ def test_sft_loss_is_mean_response_token_nll_and_ignores_prompt_labels():
     logp = torch.log_softmax(logits, -1)
     by_hand = -(logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 5] + logp[1, 0, 7] + logp[1, 1, 8]) / 5
     assert torch.allclose(sft_loss(logits, labels, 5), by_hand, atol=1e-6)
-    # the label of a prompt position is -100 whatever the token was: changing prompt tokens' targets is impossible,
-    # and a pad row adds nothing
+    # the label of a prompt position is -100 whatever the token was: changing prompt tokens' targets
+    # is impossible, and a pad row adds nothing
     padded_logits = torch.cat([logits, torch.randn(2, 3, 11)], 1)
     padded_labels = torch.cat([labels, torch.full((2, 3), -100)], 1)
     assert torch.equal(sft_loss(padded_logits, padded_labels, 5), sft_loss(logits, labels, 5))
@@ -43,17 +43,19 @@ def test_sft_global_token_normalisation_makes_accumulation_equal_one_big_batch()
     assert torch.allclose(full, split, atol=1e-6)
     per_micro_mean = (sft_loss(logits[:2], labels[:2], (labels[:2, 1:] != -100).sum())
                       + sft_loss(logits[2:], labels[2:], (labels[2:, 1:] != -100).sum())) / 2
-    assert not torch.allclose(full, per_micro_mean, atol=1e-3)  # the negative control: per-micro-batch means differ
+    # the negative control: per-micro-batch means differ
+    assert not torch.allclose(full, per_micro_mean, atol=1e-3)
 
 
-# ------------------------------------------------------------------------------------------------ reward model
+# ----------------------------------------------------------------------------------- reward model
 
 def test_bt_loss_is_log2_at_ties_with_gradient_minus_half_and_zero_accuracy():
     r = torch.tensor([0.3, -1.2], requires_grad=True)
     loss, m = bt_loss(r, r.detach().clone())
     assert abs(loss.item() - LOG2) < 1e-6 and m["accuracy"] == 0.0
     loss.backward()
-    assert torch.allclose(r.grad, torch.tensor([-0.25, -0.25]))  # -0.5 per pair, averaged over 2 pairs
+    # -0.5 per pair, averaged over 2 pairs
+    assert torch.allclose(r.grad, torch.tensor([-0.25, -0.25]))
 
 
 def test_bt_loss_is_shift_invariant_and_antisymmetric():
@@ -61,21 +63,24 @@ def test_bt_loss_is_shift_invariant_and_antisymmetric():
     assert torch.allclose(bt_loss(c + 7, r + 7)[0], bt_loss(c, r)[0])
     delta = c - r
     # L(delta) - L(-delta) = -delta per pair
-    assert torch.allclose(-torch.nn.functional.logsigmoid(delta) + torch.nn.functional.logsigmoid(-delta), -delta)
+    logsigmoid = torch.nn.functional.logsigmoid
+    assert torch.allclose(-logsigmoid(delta) + logsigmoid(-delta), -delta)
     assert bt_loss(c, r)[1]["accuracy"] + bt_loss(r, c)[1]["accuracy"] == pytest.approx(1.0)
 
 
 def test_bt_margin_loss_is_log2_when_difference_equals_margin():
-    assert abs(bt_loss(torch.tensor([2.0]), torch.tensor([1.5]), margin=0.5)[0].item() - LOG2) < 1e-6
+    loss = bt_loss(torch.tensor([2.0]), torch.tensor([1.5]), margin=0.5)[0]
+    assert abs(loss.item() - LOG2) < 1e-6
 
 
-# ------------------------------------------------------------------------------------------------ DPO
+# ----------------------------------------------------------------------------------- DPO
 
 def test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference():
     lp = torch.tensor([-5.0, -7.0]), torch.tensor([-6.0, -4.0])
     for ls in (0.0, 0.2):
         losses, cr, rr = dpo_loss(lp[0], lp[1], lp[0], lp[1], beta=0.1, label_smoothing=ls)
-        assert torch.allclose(losses, torch.full((2,), LOG2)) and (cr == 0).all() and (rr == 0).all()
+        assert (torch.allclose(losses, torch.full((2,), LOG2))
+                and (cr == 0).all() and (rr == 0).all())
     ipo, _, _ = dpo_loss(lp[0], lp[1], lp[0], lp[1], beta=0.1, ipo=True)
     assert torch.allclose(ipo, torch.full((2,), 1 / (4 * 0.1 ** 2)))
 
@@ -85,7 +90,8 @@ def test_dpo_gradient_is_minus_and_plus_half_beta_at_init():
     pc, pr = torch.tensor([-5.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
     losses, _, _ = dpo_loss(pc, pr, pc.detach().clone(), pr.detach().clone(), beta)
     losses.sum().backward()
-    assert torch.allclose(pc.grad, torch.tensor([-beta / 2])) and torch.allclose(pr.grad, torch.tensor([beta / 2]))
+    assert (torch.allclose(pc.grad, torch.tensor([-beta / 2]))
+            and torch.allclose(pr.grad, torch.tensor([beta / 2])))
 
 
 def test_dpo_swap_identity_and_beta_scaling_of_rewards():
@@ -109,7 +115,8 @@ def test_ipo_and_conservative_dpo_match_their_formulas_and_optima():
     assert torch.allclose(cdpo, -(1 - eps) * torch.log(sig) - eps * torch.log(1 - sig), atol=1e-6)
     # cDPO's minimiser is finite: h* = log((1 - eps) / eps) / beta
     hs = torch.tensor([math.log((1 - eps) / eps) / beta], requires_grad=True)
-    dpo_loss(hs, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta, label_smoothing=eps)[0].sum().backward()
+    zero = torch.zeros(1)
+    dpo_loss(hs, zero, zero, zero, beta, label_smoothing=eps)[0].sum().backward()
     assert abs(hs.grad.item()) < 1e-6
 
 
@@ -128,7 +135,7 @@ def test_sequence_logps_sum_response_tokens_only():
     assert torch.allclose(sequence_logps(logits, labels), logp[0, 1, 2] + logp[0, 2, 3])
 
 
-# ------------------------------------------------------------------------------------------------ PPO
+# ----------------------------------------------------------------------------------- PPO
 
 def brute_force_gae(rewards, values, mask, gamma, lam):
     B, N = rewards.shape
@@ -155,7 +162,8 @@ def test_gae_matches_brute_force_and_reward_to_go_when_gamma_lambda_one():
         assert torch.allclose(ret, (adv + values) * mask)
     adv, ret = gae(rewards, values, mask, 1.0, 1.0)
     rtg = torch.flip(torch.cumsum(torch.flip(rewards * mask, [1]), 1), [1]) * mask
-    assert torch.allclose(ret, rtg, atol=1e-5) and torch.allclose(adv, (rtg - values) * mask, atol=1e-5)
+    assert (torch.allclose(ret, rtg, atol=1e-5)
+            and torch.allclose(adv, (rtg - values) * mask, atol=1e-5))
     assert (adv[~mask] == 0).all()
 
 
@@ -209,7 +217,8 @@ def test_first_ppo_step_has_ratio_one_and_no_clipping():
     values, returns = torch.randn(4, 6), torch.randn(4, 6)
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[0, 3:] = False
-    loss, pg, vf, s = ppo_loss(logp, logp, adv, values, values, returns, mask, mask.sum(), 0.2, 0.2, 0.1)
+    loss, pg, vf, s = ppo_loss(logp, logp, adv, values, values, returns, mask, mask.sum(),
+                               0.2, 0.2, 0.1)
     assert s["ratio"] == pytest.approx(1.0) and s["clipfrac"] == 0.0 and s["approxkl"] == 0.0
     assert torch.allclose(pg, -masked_mean(adv, mask))
     assert torch.allclose(vf, 0.5 * masked_mean((values - returns) ** 2, mask))
@@ -224,7 +233,8 @@ def test_clipped_objective_has_zero_gradient_beyond_the_clip_range():
     _, pg, _, s = ppo_loss(new, old, adv, v, v, v, mask, 2, 0.2, 0.2, 0.1)
     pg.backward()
     assert torch.equal(new.grad, torch.zeros(1, 2)) and s["clipfrac"] == 1.0
-    new2 = torch.tensor([[0.05, -0.05]], requires_grad=True)  # inside the range: gradient -A * ratio / n
+    # inside the range: gradient -A * ratio / n
+    new2 = torch.tensor([[0.05, -0.05]], requires_grad=True)
     ppo_loss(new2, old, adv, v, v, v, mask, 2, 0.2, 0.2, 0.1)[1].backward()
     assert torch.allclose(new2.grad, -adv * torch.exp(new2.detach()) / 2)
 
@@ -233,8 +243,8 @@ def test_value_clipping_is_inactive_inside_the_range():
     v_old, ret = torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 0.5]])
     v_new = torch.tensor([[0.1, -0.15, 0.05]])
     mask = torch.ones(1, 3, dtype=torch.bool)
-    _, _, vf, _ = ppo_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), v_new, v_old, ret, mask, 3,
-                           0.2, 0.2, 0.1)
+    zero = torch.zeros(1, 3)
+    _, _, vf, _ = ppo_loss(zero, zero, zero, v_new, v_old, ret, mask, 3, 0.2, 0.2, 0.1)
     assert torch.allclose(vf, 0.5 * ((v_new - ret) ** 2).mean())
 
 
@@ -242,21 +252,25 @@ def test_adaptive_kl_controller_is_still_at_target_and_bounded():
     assert adaptive_kl_update(0.1, 6.0, 6.0, 64, 10000) == 0.1
     up = adaptive_kl_update(0.1, 100.0, 6.0, 1000, 10000)
     down = adaptive_kl_update(0.1, 0.0, 6.0, 1000, 10000)
-    assert up == pytest.approx(0.1 * (1 + 0.2 * 0.1)) and down == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+    assert (up == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+            and down == pytest.approx(0.1 * (1 - 0.2 * 0.1)))
 
 
 def test_make_optimizer_is_adamw_with_decay_on_matrices_only():
-    """common.make_optimizer's fused AdamW takes the steps of PyTorch's textbook loop (rounding aside), and decays
-    2-D weights only: with zero gradients a matrix shrinks by lr * wd per step while biases and gains stay put."""
+    """common.make_optimizer's fused AdamW takes the steps of PyTorch's textbook loop (rounding
+    aside), and decays 2-D weights only: with zero gradients a matrix shrinks by lr * wd per step
+    while biases and gains stay put."""
     from nanoalign.common import make_optimizer
     from nanoalign.model import GPT, GPTConfig
     torch.manual_seed(0)
-    models = [GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16)) for _ in range(2)]
+    cfg = GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    models = [GPT(cfg) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     fused = make_optimizer(models[0], 1e-2, 0.1)
     matrices = [p for p in models[1].parameters() if p.dim() >= 2]
     vectors = [p for p in models[1].parameters() if p.dim() < 2]
-    loop = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
+    loop = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
+                              {"params": vectors, "weight_decay": 0.0}],
                              lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False, fused=False)
     x = torch.randint(0, 40, (3, 16))
     for _ in range(5):
@@ -287,8 +301,8 @@ def test_ppo_returns_are_raw_reward_to_go_computed_before_advantage_whitening():
     from nanoalign.train_ppo import PPOConfig, advantages_and_returns
     torch.manual_seed(0)
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4]).bool()
-    ro = SimpleNamespace(response_mask=mask, logprobs=torch.randn(3, 6), ref_logprobs=torch.randn(3, 6),
-                         values=torch.randn(3, 6) * 3)
+    ro = SimpleNamespace(response_mask=mask, logprobs=torch.randn(3, 6),
+                         ref_logprobs=torch.randn(3, 6), values=torch.randn(3, 6) * 3)
     scores = torch.tensor([1.0, -2.0, 0.5])
     cfg = PPOConfig(gamma=1.0, lam=1.0)
     advantages, returns, _ = advantages_and_returns(ro, scores, 0.1, cfg)
@@ -305,7 +319,8 @@ def test_clipped_surrogate_is_pessimistic_for_ppo_and_grpo_alike():
     from nanoalign.rl import clipped_surrogate
     from nanoalign.train_grpo import clipped_policy_loss
     old = torch.zeros(1, 4)
-    new = torch.tensor([[0.5, -0.5, -0.5, 0.5]], requires_grad=True)  # ratios e^.5 > 1.2, e^-.5 < 0.8
+    # ratios e^.5 > 1.2, e^-.5 < 0.8
+    new = torch.tensor([[0.5, -0.5, -0.5, 0.5]], requires_grad=True)
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])  # cols 0-1: clipped; cols 2-3: still pulled back
     loss, ratio, clipped = clipped_surrogate(new, old, adv, 0.2)
     loss.sum().backward()
@@ -316,7 +331,8 @@ def test_clipped_surrogate_is_pessimistic_for_ppo_and_grpo_alike():
     mask = torch.ones(1, 4, dtype=torch.bool)
     for a in (1.0, -1.0):  # GRPO: one advantage per response, broadcast over its tokens
         grpo_new.grad = None
-        grpo_loss, s = clipped_policy_loss(grpo_new, old, torch.tensor([a]), mask, 0.2, ("token", 4))
+        grpo_loss, s = clipped_policy_loss(grpo_new, old, torch.tensor([a]), mask, 0.2,
+                                           ("token", 4))
         grpo_loss.backward()
         favoured = grpo_new.detach()[0] * a > 0  # the ratio moved the way the advantage pushes
         assert torch.equal(grpo_new.grad[0][favoured], torch.zeros(2))
@@ -327,8 +343,8 @@ def test_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors():
     """ppo2's pessimistic value loss: outside the clip range the larger squared error counts."""
     v_old, ret = torch.zeros(1, 2), torch.tensor([[1.0, 1.0]])
     v_new = torch.tensor([[0.5, -0.5]])  # moved 0.5 towards / away from the return; clip range 0.2
-    _, _, vf, s = ppo_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), v_new, v_old, ret,
-                           torch.ones(1, 2, dtype=torch.bool), 2, 0.2, 0.2, 0.1)
+    zero, mask = torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool)
+    _, _, vf, s = ppo_loss(zero, zero, zero, v_new, v_old, ret, mask, 2, 0.2, 0.2, 0.1)
     clipped = torch.tensor([[0.2, -0.2]])
     expected = 0.5 * torch.max((v_new - ret) ** 2, (clipped - ret) ** 2).mean()
     assert torch.allclose(vf, expected) and s["vf_clipfrac"].item() == 0.5

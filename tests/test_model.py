@@ -1,12 +1,12 @@
-"""Invariants of the model and the generation contract (correctness.md section 3, I-M*, I-GEN*)."""
+"""Invariants of the model and the generation contract (left padding, the KV cache, sampling)."""
 
 import math
 
 import pytest
 import torch
 
-from nanoalign.generate import (entropy_from_logits, generate, last_true, logprobs_from_logits, pad_left,
-                                response_logprobs, sample_next)
+from nanoalign.generate import (entropy_from_logits, generate, last_true, logprobs_from_logits,
+                                pad_left, response_logprobs, sample_next)
 from nanoalign.model import GPT, GPTConfig, gpt2_from_state_dict, load_gpt2, positions_and_mask
 
 V, PAD, END = 61, 0, 60
@@ -34,7 +34,8 @@ def test_left_padding_gives_the_logits_of_the_unpadded_prompt():
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     tokens, mask = pad_left(prompts, PAD)
     batched = m(tokens, pad_mask=mask)
-    assert torch.isfinite(batched).all()  # pad queries attend to themselves: no all-masked row, no NaN
+    # pad queries attend to themselves: no all-masked row, no NaN
+    assert torch.isfinite(batched).all()
     for i, p in enumerate(prompts):
         alone = m(torch.tensor([p]))
         assert torch.allclose(batched[i, -len(p):], alone[0], atol=1e-5)
@@ -49,8 +50,9 @@ def test_right_padding_does_not_change_logits_of_real_tokens():
 
 
 def test_right_padded_batch_needs_no_attention_mask():
-    """SFT, RM and DPO pass right-padded batches without pad_mask (the fused causal kernel): the real tokens' logits,
-    scalars and the gradients of a loss over them must equal those of the masked forward."""
+    """SFT, RM and DPO pass right-padded batches without pad_mask (the fused causal kernel): the
+    real tokens' logits, scalars and the gradients of a loss over them must equal those of the
+    masked forward."""
     m = tiny_model().train()
     m.add_scalar_head("reward")
     lengths = [20, 7, 13, 1]
@@ -65,11 +67,13 @@ def test_right_padded_batch_needs_no_attention_mask():
         return logits[mask], scalar[mask], [p.grad.clone() for p in m.parameters()]
 
     with_mask, without = forward_and_grads(mask), forward_and_grads(None)
-    assert torch.allclose(with_mask[0], without[0], atol=1e-5) and torch.allclose(with_mask[1], without[1], atol=1e-5)
+    assert (torch.allclose(with_mask[0], without[0], atol=1e-5)
+            and torch.allclose(with_mask[1], without[1], atol=1e-5))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(with_mask[2], without[2]))
     tokens[1, 7:] = (tokens[1, 7:] + 1) % V  # what sits in the pad slots never reaches a real token
     assert torch.allclose(forward_and_grads(None)[0], without[0], atol=1e-5)
-    tokens, mask = tokens.flip(1), mask.flip(1)  # left padding is another matter: there the mask is needed
+    # left padding is another matter: there the mask is needed
+    tokens, mask = tokens.flip(1), mask.flip(1)
     assert not torch.allclose(forward_and_grads(mask)[0], forward_and_grads(None)[0], atol=1e-3)
 
 def test_heavily_left_padded_batch_has_finite_logits_and_gradients():
@@ -142,7 +146,8 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
 def test_sampled_tokens_logprobs_match_full_forward_at_the_sampling_temperature():
     m = tiny_model()
     g = torch.Generator().manual_seed(0)
-    tokens, mask, P = generate(m, [[1, 2, 3], [4, 5, 6, 7, 8]], 12, END, PAD, temperature=0.7, generator=g)
+    tokens, mask, P = generate(m, [[1, 2, 3], [4, 5, 6, 7, 8]], 12, END, PAD, temperature=0.7,
+                               generator=g)
     logits = m(tokens, pad_mask=mask)
     lp = response_logprobs(logits, tokens, P, temperature=0.7)
     assert lp.shape == (2, tokens.size(1) - P)
@@ -163,7 +168,8 @@ def test_after_the_end_token_every_token_is_pad_and_masked():
     with torch.no_grad():  # make END very likely so rows finish at different steps
         m.lm_head.weight[END] += 0.3 * m.lm_head.weight.mean(0)
     g = torch.Generator().manual_seed(1)
-    tokens, mask, P = generate(m, [[1, 2], [3, 4, 5]] * 4, 30, END, PAD, temperature=1.0, generator=g)
+    tokens, mask, P = generate(m, [[1, 2], [3, 4, 5]] * 4, 30, END, PAD, temperature=1.0,
+                               generator=g)
     for row, mrow in zip(tokens[:, P:], mask[:, P:]):
         ends = (row == END).nonzero()
         if len(ends):
@@ -194,17 +200,21 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
     assert sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0)).max() <= 1
     p = torch.tensor([3.0, 2.0, 1.0, 0.0, -5.0]).softmax(-1)
     assert p[0] < 0.7 < p[0] + p[1]
-    assert sample_next(logits, 1.0, top_p=0.7, generator=torch.Generator().manual_seed(0)).max() <= 1
+    assert sample_next(logits, 1.0, top_p=0.7,
+                       generator=torch.Generator().manual_seed(0)).max() <= 1
 
 
 def test_logprob_and_entropy_helpers():
     logits = torch.randn(2, 5, V)
     labels = torch.randint(0, V, (2, 5))
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(2, 5)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                           reduction="none").view(2, 5)
     assert torch.allclose(logprobs_from_logits(logits, labels), -ce, atol=1e-6)
-    assert torch.allclose(entropy_from_logits(torch.zeros(1, 1, V)), torch.tensor(math.log(V)), atol=1e-5)
+    assert torch.allclose(entropy_from_logits(torch.zeros(1, 1, V)), torch.tensor(math.log(V)),
+                          atol=1e-5)
     assert entropy_from_logits(torch.tensor([[[100.0] + [0.0] * (V - 1)]])).item() < 1e-6
-    assert last_true(torch.tensor([[False, True, True, False], [True, False, False, False]])).tolist() == [2, 0]
+    flags = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    assert last_true(flags).tolist() == [2, 0]
 
 
 def test_scalar_head_reward_init_and_zero_init():
@@ -241,10 +251,12 @@ def test_gpt2_import_maps_hf_names_and_transposes_conv1d(prefix):
     assert sd[f"{prefix}h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D stores (in, out)
     dst = gpt2_from_state_dict(sd, n_head=4)
     x = torch.randint(1, V, (2, 9))
-    assert dst.config.gelu == "tanh"  # GPT-2's "gelu_new": its weights were trained with the tanh approximation
+    # GPT-2's "gelu_new": its weights were trained with the tanh approximation
+    assert dst.config.gelu == "tanh"
     assert torch.allclose(src(x), dst.eval()(x), atol=1e-6)
     exact = tiny_model(seed=3, n_embd=64, n_head=4, gelu="none")
-    assert not torch.allclose(exact(x), src(x), atol=1e-6)  # the two GELUs differ: the setting is not a no-op
+    # the two GELUs differ: the setting is not a no-op
+    assert not torch.allclose(exact(x), src(x), atol=1e-6)
 
 
 def test_gpt2_bin_and_safetensors_give_identical_logits(tmp_path):
@@ -254,7 +266,8 @@ def test_gpt2_bin_and_safetensors_give_identical_logits(tmp_path):
     write_safetensors(sd, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text('{"n_head": 2}')
     a = load_gpt2(str(tmp_path / "pytorch_model.bin"), n_head=2)
-    b = load_gpt2(str(tmp_path))  # a directory: model.safetensors is preferred, config.json gives n_head
+    # a directory: model.safetensors is preferred, config.json gives n_head
+    b = load_gpt2(str(tmp_path))
     x = torch.randint(1, V, (1, 11))
     assert torch.equal(a.eval()(x), b.eval()(x))
 
@@ -264,7 +277,8 @@ def write_safetensors(sd, path):
     header, blobs, offset = {}, [], 0
     for k, v in sd.items():
         b = v.contiguous().numpy().tobytes()
-        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(b)]}
+        header[k] = {"dtype": "F32", "shape": list(v.shape),
+                     "data_offsets": [offset, offset + len(b)]}
         blobs.append(b)
         offset += len(b)
     h = json.dumps(header).encode()

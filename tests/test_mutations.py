@@ -31,7 +31,8 @@ BUGS = [
      "test_losses.py::test_sft_loss_is_mean_response_token_nll_and_ignores_prompt_labels"),
     ("SFT normalised per micro-batch", "nanoalign/train_sft.py",
      "loss = sft_loss(model(tokens), labels, n_tokens) * d.world",
-     "loss = sft_loss(model(tokens), labels, (labels[:, 1:] != -100).sum()) / cfg.grad_accum * d.world",
+     "loss = sft_loss(model(tokens), labels, (labels[:, 1:] != -100).sum()) / cfg.grad_accum"
+     " * d.world",
      "test_ddp.py::test_sft_gradient_accumulation_equals_one_big_batch"),
     ("SFT without the world factor", "nanoalign/train_sft.py",
      "loss = sft_loss(model(tokens), labels, n_tokens) * d.world",
@@ -46,7 +47,8 @@ BUGS = [
      "test_model.py::test_left_padding_gives_the_logits_of_the_unpadded_prompt "
      "test_model.py::test_positions_start_at_zero_after_left_padding"),
     ("attention reads the pad keys", "nanoalign/model.py",
-     "mask = causal[None] & pad_mask[:, None, :]", "mask = causal[None].expand(pad_mask.size(0), -1, -1)",
+     "mask = causal[None] & pad_mask[:, None, :]",
+     "mask = causal[None].expand(pad_mask.size(0), -1, -1)",
      "test_model.py::test_left_padding_gives_the_logits_of_the_unpadded_prompt"),
     # the last real token
     ("RM reads the first pad", "nanoalign/rl.py",
@@ -59,11 +61,13 @@ BUGS = [
     ("PPO score on the first response token", "nanoalign/train_ppo.py",
      "rewards[torch.arange(len(scores)), last_true(mask)] += scores",
      "rewards[torch.arange(len(scores)), 0] += scores",
-     "test_losses.py::test_reward_sits_on_the_last_real_token_and_kl_sums_to_the_sequence_log_ratio"),
+     "test_losses.py::"
+     "test_reward_sits_on_the_last_real_token_and_kl_sums_to_the_sequence_log_ratio"),
     # rewards, KL and its estimators
     ("KL penalty with the wrong sign", "nanoalign/train_ppo.py",
      "kl = (logprobs - ref_logprobs) * mask", "kl = (ref_logprobs - logprobs) * mask",
-     "test_losses.py::test_reward_sits_on_the_last_real_token_and_kl_sums_to_the_sequence_log_ratio"),
+     "test_losses.py::"
+     "test_reward_sits_on_the_last_real_token_and_kl_sums_to_the_sequence_log_ratio"),
     ("k3 with the ratio upside down", "nanoalign/rl.py",
      "k3 = torch.expm1(-log_ratio) + log_ratio", "k3 = torch.expm1(log_ratio) - log_ratio",
      "test_losses.py::test_k1_and_k3_are_unbiased_for_kl_on_an_enumerated_distribution"),
@@ -71,7 +75,8 @@ BUGS = [
      "scores = torch.where(ro.ended, scores, penalty)", "scores = scores",
      "test_stages.py::test_ppo_no_end_penalty_and_pluggable_reward_reach_the_rollout_scores"),
     ("reward offset not subtracted", "nanoalign/rl.py",
-     "last_true(pad_mask)[:, None]).squeeze(1)) - offset", "last_true(pad_mask)[:, None]).squeeze(1))",
+     "last_true(pad_mask)[:, None]).squeeze(1)) - offset",
+     "last_true(pad_mask)[:, None]).squeeze(1))",
      "test_stages.py::test_reward_offset_gives_the_sft_references_mean_zero"),
     # GAE, whitening, returns
     ("GAE without the lambda recursion", "nanoalign/train_ppo.py",
@@ -119,7 +124,8 @@ BUGS = [
     ("GRPO sequence norm over tokens", "nanoalign/train_grpo.py",
      "loss = masked_mean(per_token, mask, dim=1).sum() / count",
      "loss = masked_sum(per_token, mask) / count",
-     "test_grpo.py::test_first_update_has_ratio_one_and_token_vs_sequence_normalisation_differ_by_length"),
+     "test_grpo.py::"
+     "test_first_update_has_ratio_one_and_token_vs_sequence_normalisation_differ_by_length"),
     ("dropped groups still step Adam", "nanoalign/train_grpo.py",
      "if count == 0:", "if False:",
      "test_grpo.py::test_dropped_groups_make_no_update_even_with_adam_momentum"),
@@ -128,7 +134,8 @@ BUGS = [
      "h = pi_logratios - ref_logratios", "h = pi_logratios",
      "test_losses.py::test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference"),
     ("DPO loss with the sign flipped", "nanoalign/train_dpo.py",
-     "-(1 - label_smoothing) * F.logsigmoid(beta * h)", "-(1 - label_smoothing) * F.logsigmoid(-beta * h)",
+     "-(1 - label_smoothing) * F.logsigmoid(beta * h)",
+     "-(1 - label_smoothing) * F.logsigmoid(-beta * h)",
      "test_losses.py::test_dpo_gradient_is_minus_and_plus_half_beta_at_init"),
     ("IPO's target without the 2", "nanoalign/train_dpo.py",
      "losses = (h - 1 / (2 * beta)) ** 2", "losses = (h - 1 / beta) ** 2",
@@ -139,10 +146,12 @@ BUGS = [
     # distillation
     ("distillation without T^2", "nanoalign/train_distill.py",
      "per_token = alpha * T * T * kl", "per_token = alpha * kl",
-     "test_distill.py::test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_teacher"),
+     "test_distill.py::"
+     "test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_teacher"),
     ("distillation's KL reversed", "nanoalign/train_distill.py",
      "kl = (t.exp() * (t - s)).sum(-1)", "kl = (s.exp() * (s - t)).sum(-1)",
-     "test_distill.py::test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_teacher"),
+     "test_distill.py::"
+     "test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_teacher"),
     # generation: the KV cache, the end token, the temperature
     ("KV cache never advances", "nanoalign/model.py",
      "            cache.len += T\n", "            pass\n",

@@ -1,5 +1,5 @@
-"""The one-command pipeline on the micro preset: every checkpoint, the report with every documented key, skipping
-finished stages, and re-running a stage whose config changed."""
+"""The one-command pipeline on the micro preset: every checkpoint, the report with every documented
+key, skipping finished stages, and re-running a stage whose config changed."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import pytest
 
 from nanoalign import pipeline
 
-STAGE_KEYS = {"gold_score", "rm_score", "kl_to_sft", "win_rate_vs_sft", "end_rate", "mean_length", "distinct_2",
-              "wall_seconds"}
+STAGE_KEYS = {"gold_score", "rm_score", "kl_to_sft", "win_rate_vs_sft", "end_rate", "mean_length",
+              "distinct_2", "wall_seconds"}
 
 
 def test_micro_pipeline_writes_every_checkpoint_and_a_complete_report(micro_run):
@@ -25,12 +25,15 @@ def test_micro_pipeline_writes_every_checkpoint_and_a_complete_report(micro_run)
         assert STAGE_KEYS <= set(stage), name
         assert all(isinstance(stage[k], float) for k in STAGE_KEYS), name
     assert report["stages"]["sft"]["kl_to_sft"] == 0.0
-    assert 0.0 <= report["stages"]["sft"]["win_rate_vs_sft"] <= 1.0  # computed from two SFT sample sets
+    # computed from two SFT sample sets
+    assert 0.0 <= report["stages"]["sft"]["win_rate_vs_sft"] <= 1.0
     assert {"val_accuracy", "gold_agreement", "wall_seconds"} <= set(report["stages"]["rm"])
-    assert (micro_run / "report.md").exists() and (micro_run / "training_curves.png").exists()
+    assert (micro_run / "report.md").exists()
+    assert (micro_run / "training_curves.png").exists()
 
 
-def test_pipeline_skips_finished_stages_and_reruns_a_stage_whose_config_or_world_changed(tmp_path, capsys):
+def test_pipeline_skips_finished_stages_and_reruns_a_stage_whose_config_or_world_changed(
+        tmp_path, capsys):
     argv = ["--preset", "micro", "--out", str(tmp_path / "run"), "--stages", "pretrain,sft"]
     pipeline.main(argv)
     capsys.readouterr()
@@ -43,21 +46,24 @@ def test_pipeline_skips_finished_stages_and_reruns_a_stage_whose_config_or_world
     pipeline.main(argv)
     out = capsys.readouterr().out
     assert "pretrain: done" in out and "sft: config, parent checkpoint or world changed" in out
-    for stage in ("pretrain", "sft"):  # both trained before world.py was edited: the data they saw are gone
+    # both trained before world.py was edited: the data they saw are gone
+    for stage in ("pretrain", "sft"):
         done = json.loads((tmp_path / "run" / stage / "done.json").read_text())
         assert done["world"] == pipeline.world_id(str(tmp_path / "run" / "world"))
         done["world"] = "0:0.05:an-older-world.py"
         (tmp_path / "run" / stage / "done.json").write_text(json.dumps(done))
     pipeline.main(argv)
     out = capsys.readouterr().out
-    assert "pretrain: config, parent checkpoint or world changed" in out and "sft: config, parent" in out
+    assert "pretrain: config, parent checkpoint or world changed" in out
+    assert "sft: config, parent" in out
 
 
 def test_rlvr_stage_reports_held_out_accuracy_of_sft_and_rlvr(micro_run):
     report = json.loads((micro_run / "report.json").read_text())
     for name in ("sft", "rlvr"):
         r = report["stages"][name]
-        assert 0.0 <= r["verifiable_accuracy"] <= 1.0 and r["verifiable_accuracy_ci"] >= 0.0, name
+        assert 0.0 <= r["verifiable_accuracy"] <= 1.0, name
+        assert r["verifiable_accuracy_ci"] >= 0.0, name
         n_problems = len((micro_run / "world" / "verifiable_val.jsonl").read_text().splitlines())
         assert r["verifiable_n"] == min(report["sampling"]["n_prompts"], n_problems)
     assert "Exact-answer task" in (micro_run / "report.md").read_text()
@@ -66,14 +72,14 @@ def test_rlvr_stage_reports_held_out_accuracy_of_sft_and_rlvr(micro_run):
 def test_sweep_writes_the_frontier_with_best_of_n_and_the_overoptimisation_run(micro_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(micro_run, run)
-    sweep = pipeline.main(["--preset", "micro", "--out", str(run), "--sweep", "--ppo_betas", "0.2", "--dpo_betas",
-                           "0.3", "--best_of", "1,2,4", "--overopt_iters", "3"])
+    sweep = pipeline.main(["--preset", "micro", "--out", str(run), "--sweep", "--ppo_betas", "0.2",
+                           "--dpo_betas", "0.3", "--best_of", "1,2,4", "--overopt_iters", "3"])
     methods = [(p["method"], p["label"]) for p in sweep["points"]]
-    assert ("ppo", "0.05") in methods and ("ppo", "0.2") in methods and ("dpo", "0.3") in methods
+    assert {("ppo", "0.05"), ("ppo", "0.2"), ("dpo", "0.3")} <= set(methods)
     bon = {p["n"]: p for p in sweep["points"] if p["method"] == "bon"}
     for n, p in bon.items():  # KL(best-of-n || SFT) = log n - (n - 1) / n
         assert p["kl_to_sft"] == pytest.approx(math.log(n) - (n - 1) / n)
-    # one nested pool of samples: the reward model's favourite of more samples scores at least as high
+    # one nested pool of samples: the RM's favourite of more samples scores at least as high
     assert bon[1]["rm_score"] <= bon[2]["rm_score"] <= bon[4]["rm_score"]
     assert [r["iter"] for r in sweep["overoptimisation"]] == [1, 2, 3]
     assert all(r["kl_coef"] == 0.0 for r in sweep["overoptimisation"])

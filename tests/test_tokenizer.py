@@ -8,13 +8,16 @@ import tempfile
 import pytest
 import tiktoken
 
-from nanoalign.tokenizer import (SPECIAL_TOKENS, SPLIT, bpe_merges, load_tokenizer, main, merge, render_chat,
-                                 save_tokenizer, train_bpe)
+from nanoalign.tokenizer import (SPECIAL_TOKENS, SPLIT, bpe_merges, load_tokenizer, main, merge,
+                                 render_chat, save_tokenizer, train_bpe)
 
 VOCAB = 320
-TEXT = ("The dragon guards the gold. The knight asks the dragon for the gold, and the dragon says no.\n"
-        "A story: once upon a time, 3 cats and 12 dogs lived in a village by the river; they're friends.\n\n"
-        "Naïve café owners sell crème brûlée for 4.50 euros — très bon! 東京の猫は魚が好き。\n") * 30
+TEXT = ("The dragon guards the gold. The knight asks the dragon for the gold, "
+        "and the dragon says no.\n"
+        "A story: once upon a time, 3 cats and 12 dogs lived in a village by the river; "
+        "they're friends.\n\n"
+        "Naïve café owners sell crème brûlée for 4.50 euros — très bon! "
+        "東京の猫は魚が好き。\n") * 30
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def tok(tok_path):
 
 
 def reference_encode(text: str, merges: dict) -> list[int]:
-    """The textbook encoder: on each chunk, apply the learned merge of lowest id until none applies."""
+    """The textbook encoder: on each chunk, apply the learned merge of lowest id until none
+    applies."""
     out = []
     for chunk in SPLIT.findall(text):
         ids = list(chunk.encode("utf-8"))
@@ -45,9 +49,11 @@ def reference_encode(text: str, merges: dict) -> list[int]:
 
 def test_decode_encode_roundtrips_arbitrary_unicode(tok):
     rng = random.Random(0)
-    texts = ["", "a", "Hello, world!", "emoji 🐉🔥👩‍👩‍👧 done", "東京 и Москва", "combining e\u0301 a\u0308\u0301",
+    texts = ["", "a", "Hello, world!", "emoji 🐉🔥👩‍👩‍👧 done",
+             "東京 и Москва", "combining e\u0301 a\u0308\u0301",
              "  \t\n\n   spaces   \r\n  ", "<|end|> <|pad|> not special", TEXT[:500]]
-    texts += [bytes(rng.randrange(256) for _ in range(200)).decode("utf-8", errors="replace") for _ in range(20)]
+    texts += [bytes(rng.randrange(256) for _ in range(200)).decode("utf-8", errors="replace")
+              for _ in range(20)]
     texts += ["".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(100)) for _ in range(20)]
     for s in texts:
         assert tok.decode(tok.encode(s)) == s
@@ -69,13 +75,15 @@ def test_frequent_word_becomes_a_single_token(tok):
 
 def test_tiktoken_encoding_equals_reference_encoder_of_the_learned_merges(tok):
     merges = bpe_merges(TEXT, VOCAB)
-    for text in [TEXT, "The knights' dragons guard 1234567 golden cats; 猫 café drôle ☕ they'll"]:
+    mixed = "The knights' dragons guard 1234567 golden cats; 猫 café drôle ☕ they'll"
+    for text in [TEXT, mixed]:
         assert tok.encode(text) == reference_encode(text, merges)
 
 
 def test_special_tokens_are_distinct_and_follow_the_ordinary_ranks(tok):
     ids = [tok.eot_id, tok.pad_id, tok.user_id, tok.assistant_id, tok.end_id]
-    assert ids == list(range(VOCAB, VOCAB + len(SPECIAL_TOKENS))) and tok.n_vocab == VOCAB + len(SPECIAL_TOKENS)
+    assert ids == list(range(VOCAB, VOCAB + len(SPECIAL_TOKENS)))
+    assert tok.n_vocab == VOCAB + len(SPECIAL_TOKENS)
     assert len({tok.pad_id, tok.end_id, tok.eot_id}) == 3
 
 
@@ -104,7 +112,8 @@ def test_saved_file_reloads_to_the_same_ranks(tok, tok_path):
 
 def test_text_without_enough_pairs_stops_early_with_a_warning():
     with pytest.warns(UserWarning, match="only 258 tokens"):
-        ranks = train_bpe("ab ab", 300)  # " ab" and "ab" take two merges, then every chunk is one token
+        # " ab" and "ab" take two merges, then every chunk is one token
+        ranks = train_bpe("ab ab", 300)
     assert len(ranks) == 258 and {b"ab", b" ab"} <= ranks.keys()
 
 
@@ -117,12 +126,14 @@ def test_render_chat_labels_cover_exactly_assistant_contents_and_their_end(tok):
     enc = tok.encode
     assert ids == (U + enc("Be brief.\n\nHi!") + E + A + enc("Hello.") + E
                    + U + enc("A story?") + E + A + enc("Once upon a time.") + E)
-    assert [t for t, l in zip(ids, labels) if l != -100] == enc("Hello.") + E + enc("Once upon a time.") + E
+    trained = [t for t, l in zip(ids, labels) if l != -100]
+    assert trained == enc("Hello.") + E + enc("Once upon a time.") + E
     assert all(l in (-100, t) for t, l in zip(ids, labels))
 
 
 def test_generation_prompt_ends_with_assistant_header_and_has_no_labels(tok):
-    ids, labels = render_chat(tok, [{"role": "user", "content": "Tell me a story."}], add_generation_prompt=True)
+    ids, labels = render_chat(tok, [{"role": "user", "content": "Tell me a story."}],
+                              add_generation_prompt=True)
     assert ids == [tok.user_id] + tok.encode("Tell me a story.") + [tok.end_id, tok.assistant_id]
     assert set(labels) == {-100}
 
@@ -143,35 +154,43 @@ def test_cli_trains_and_saves_a_loadable_file(tmp_path, capsys):
 
 
 def test_gpt2_layout_keeps_base_endoftext_and_appends_chat_tokens(monkeypatch):
-    # a stand-in for tiktoken's GPT-2 (256 byte tokens + <|endoftext|> last), so this runs without its cached file
-    base = tiktoken.Encoding(name="fake-gpt2", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+    # a stand-in for tiktoken's GPT-2 (256 byte tokens + <|endoftext|> last), so this runs without
+    # its cached file
+    base = tiktoken.Encoding(name="fake-gpt2", pat_str=r"\S+|\s+",
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
                              special_tokens={"<|endoftext|>": 256})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: base)
     tok = load_tokenizer("gpt2")
-    assert [tok.eot_id, tok.pad_id, tok.user_id, tok.assistant_id, tok.end_id] == [256, 257, 258, 259, 260]
+    ids = [tok.eot_id, tok.pad_id, tok.user_id, tok.assistant_id, tok.end_id]
+    assert ids == [256, 257, 258, 259, 260]
     assert tok.n_vocab == 261 and tok.decode(tok.encode("héllo")) == "héllo"
 
 
 def gpt2_is_cached() -> bool:
-    """tiktoken caches each download under sha1(url) (tiktoken/load.py); we never fetch it here (no network)."""
+    """tiktoken caches each download under sha1(url) (tiktoken/load.py); we never fetch it here
+    (no network)."""
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
         os.path.join(tempfile.gettempdir(), "data-gym-cache")
     base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
     urls = [base + "vocab.bpe", base + "encoder.json"]
-    return all(os.path.exists(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest())) for u in urls)
+    return all(os.path.exists(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest()))
+               for u in urls)
 
 
-@pytest.mark.skipif(not gpt2_is_cached(), reason="tiktoken's gpt2 files are not cached and there is no network")
+@pytest.mark.skipif(not gpt2_is_cached(),
+                    reason="tiktoken's gpt2 files are not cached and there is no network")
 def test_gpt2_keeps_endoftext_id_and_appends_chat_tokens():
     tok = load_tokenizer("gpt2")
-    assert tok.eot_id == 50256  # GPT-2's own id, so its pretrained embedding row still means "end of document"
+    # GPT-2's own id, so its pretrained embedding row still means "end of document"
+    assert tok.eot_id == 50256
     assert [tok.pad_id, tok.user_id, tok.assistant_id, tok.end_id] == [50257, 50258, 50259, 50260]
-    assert tok.decode(tok.encode("Hello world")) == "Hello world" and tok.encode("Hello world") == [15496, 995]
+    assert tok.decode(tok.encode("Hello world")) == "Hello world"
+    assert tok.encode("Hello world") == [15496, 995]
 
 
 def write_gpt2_files(directory, merges=(("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"))):
-    """A hand-made GPT-2 tokenizer in Hugging Face's layout: 256 byte tokens in bytes_to_unicode order, then one token
-    per merge, then <|endoftext|>; returns the vocab dict."""
+    """A hand-made GPT-2 tokenizer in Hugging Face's layout: 256 byte tokens in bytes_to_unicode
+    order, then one token per merge, then <|endoftext|>; returns the vocab dict."""
     import json
     from nanoalign.tokenizer import bytes_to_unicode
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
@@ -189,23 +208,29 @@ def write_gpt2_files(directory, merges=(("h", "e"), ("l", "l"), ("he", "ll"), ("
 def test_gpt2_tokenizer_from_vocab_and_merges_matches_the_merge_table_and_round_trips(tmp_path):
     vocab = write_gpt2_files(tmp_path)
     tok = load_tokenizer(str(tmp_path))
-    assert tok.encode("hell") == [vocab["hell"]]  # h+e, l+l, then he+ll: the merge table applied in order
+    # h+e, l+l, then he+ll: the merge table applied in order
+    assert tok.encode("hell") == [vocab["hell"]]
     assert tok.encode("hello") == [vocab["hell"], vocab["o"]]
-    assert tok.encode("he lo") == [vocab["he"], vocab["Ġ"], vocab["l"], vocab["o"]]  # " lo": space is byte Ġ
+    # " lo": the space is byte Ġ
+    assert tok.encode("he lo") == [vocab["he"], vocab["Ġ"], vocab["l"], vocab["o"]]
     assert tok.encode(" w") == [vocab["Ġw"]]
     assert tok.eot_id == vocab["<|endoftext|>"] == 260  # GPT-2's own end-of-document id is kept
-    assert [tok.pad_id, tok.user_id, tok.assistant_id, tok.end_id] == [261, 262, 263, 264] and tok.n_vocab == 265
+    assert [tok.pad_id, tok.user_id, tok.assistant_id, tok.end_id] == [261, 262, 263, 264]
+    assert tok.n_vocab == 265
     rng = random.Random(0)
     for _ in range(50):  # arbitrary unicode, including what no merge covers
-        text = "".join(chr(rng.choice([rng.randint(32, 126), rng.randint(160, 0x2FFF), rng.randint(0x1F300, 0x1F64F)]))
+        text = "".join(chr(rng.choice([rng.randint(32, 126), rng.randint(160, 0x2FFF),
+                                       rng.randint(0x1F300, 0x1F64F)]))
                        for _ in range(rng.randint(1, 30)))
         assert tok.decode(tok.encode(text)) == text
-    assert tok.decode(tok.encode("hello <|end|> wörld 🙂")) == "hello <|end|> wörld 🙂"  # typed specials stay text
+    # typed specials stay text
+    assert tok.decode(tok.encode("hello <|end|> wörld 🙂")) == "hello <|end|> wörld 🙂"
 
 
 def test_gpt2_vocab_and_merges_that_do_not_belong_together_are_rejected(tmp_path):
     write_gpt2_files(tmp_path)
-    (tmp_path / "merges.txt").write_text("#version: 0.2\nl l\nh e\nhe ll\nĠ w\n", encoding="utf-8")  # swapped order
+    # the first two merges in swapped order
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nl l\nh e\nhe ll\nĠ w\n", encoding="utf-8")
     with pytest.raises(ValueError, match="do not belong together"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nh e x\n", encoding="utf-8")

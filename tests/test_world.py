@@ -1,5 +1,5 @@
-"""The built-in world: determinism, the gold judge's rankings, the annotator's noise, the verifiable task, and the
-exactness of the generator's log-probabilities (the entropy floor)."""
+"""The built-in world: determinism, the gold judge's rankings, the annotator's noise, the
+verifiable task, and the exactness of the generator's log-probabilities (the entropy floor)."""
 
 import collections
 import json
@@ -17,7 +17,7 @@ SCALE = 0.02  # ~240 pretraining documents, 160 SFT examples: a world in well un
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    w.write(str(out), w.generate(seed=0, scale=SCALE))
+    w.write(str(out), w.build(seed=0, scale=SCALE))
     return out
 
 
@@ -34,31 +34,37 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(small_wor
 
 
 def test_files_follow_the_documented_formats(small_world):
-    rows = lambda name: [json.loads(line) for line in (small_world / name).read_text().splitlines()]
+    rows = lambda name: [json.loads(x) for x in (small_world / name).read_text().splitlines()]
     docs = (small_world / "pretrain.txt").read_text().split("\n\n")
     assert all(d and "<|" not in d for d in docs)
-    for name, keys in [("sft_train.jsonl", {"prompt", "response"}), ("prompts_eval.jsonl", {"prompt"}),
-                       ("prefs_train.jsonl", {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}),
+    pref_keys = {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}
+    for name, keys in [("sft_train.jsonl", {"prompt", "response"}),
+                       ("prompts_eval.jsonl", {"prompt"}), ("prefs_train.jsonl", pref_keys),
                        ("verifiable_val.jsonl", {"prompt", "answer", "response"})]:
         for r in rows(name):
-            assert set(r) == keys and all("\n\n" not in str(v) and "<|" not in str(v) for v in r.values())
-    assert all(p["chosen"] != p["rejected"] for p in rows("prefs_train.jsonl") + rows("prefs_val.jsonl"))
+            assert set(r) == keys
+            assert all("\n\n" not in str(v) and "<|" not in str(v) for v in r.values())
+    prefs = rows("prefs_train.jsonl") + rows("prefs_val.jsonl")
+    assert all(p["chosen"] != p["rejected"] for p in prefs)
     val_docs = (small_world / "pretrain_val.txt").read_text().split("\n\n")
     assert len(json.loads((small_world / "pretrain_val_logp.json").read_text())) == len(val_docs)
 
 
-def test_eval_prompts_are_disjoint_from_every_training_prompt_and_verifiable_splits_are_disjoint(small_world):
-    prompts = lambda name: {json.loads(line)["prompt"] for line in (small_world / name).read_text().splitlines()}
+def test_eval_prompts_are_disjoint_from_every_training_prompt_and_verifiable_splits_are_disjoint(
+        small_world):
+    lines = lambda name: (small_world / name).read_text().splitlines()
+    prompts = lambda name: {json.loads(x)["prompt"] for x in lines(name)}
     evals = prompts("prompts_eval.jsonl")
-    for name in ["sft_train.jsonl", "sft_val.jsonl", "prefs_train.jsonl", "prefs_val.jsonl", "prompts_rl.jsonl",
-                 "verifiable_train.jsonl"]:
+    for name in ["sft_train.jsonl", "sft_val.jsonl", "prefs_train.jsonl", "prefs_val.jsonl",
+                 "prompts_rl.jsonl", "verifiable_train.jsonl"]:
         assert not evals & prompts(name), name
     assert not prompts("verifiable_train.jsonl") & prompts("verifiable_val.jsonl")
 
 
-# ----------------------------------------------------------------------------- the gold judge
+# ------------------------------------------------------------ the gold judge
 STORY = "Tell me a story about a dog in the park."
-GOOD = "Once upon a time, a little dog named Tom lived in the park. Tom found a red ball. Tom was very happy. The end."
+GOOD = ("Once upon a time, a little dog named Tom lived in the park. Tom found a red ball. "
+        "Tom was very happy. The end.")
 
 
 def test_judge_prefers_on_topic_answers():
@@ -68,9 +74,9 @@ def test_judge_prefers_on_topic_answers():
 
 
 def test_judge_prefers_positive_sentiment():
-    assert w.gold_score(STORY, GOOD) > w.gold_score(STORY, GOOD.replace("happy", "sad"))
-    neutral = GOOD.replace(" Tom was very happy.", "")
-    assert w.gold_score(STORY, GOOD) > w.gold_score(STORY, neutral) > w.gold_score(STORY, GOOD.replace("happy", "sad"))
+    sad, neutral = GOOD.replace("happy", "sad"), GOOD.replace(" Tom was very happy.", "")
+    assert w.gold_score(STORY, GOOD) > w.gold_score(STORY, sad)
+    assert w.gold_score(STORY, GOOD) > w.gold_score(STORY, neutral) > w.gold_score(STORY, sad)
 
 
 def test_judge_prefers_a_clean_ending_over_none_and_a_cut_off_one():
@@ -79,7 +85,8 @@ def test_judge_prefers_a_clean_ending_over_none_and_a_cut_off_one():
 
 
 def test_judge_penalises_rambling_beyond_the_sentence_limit():
-    extra = " ".join(["Tom ran.", "Tom ate a cake.", "Tom went to the lake.", "The sun was warm.", "Tom sang again."])
+    extra = " ".join(["Tom ran.", "Tom ate a cake.", "Tom went to the lake.", "The sun was warm.",
+                      "Tom sang again."])
     rambling = GOOD.replace(" The end.", " " + extra + " The end.")
     assert w.gold_score(STORY, rambling) < w.gold_score(STORY, GOOD) - 0.4
 
@@ -106,13 +113,15 @@ def test_judge_prefers_the_correct_answer_to_a_question():
 
 def test_positive_words_saturate_and_spamming_them_lowers_the_score():
     scores = []
+    words = ["happy", "glad", "joyful", "proud", "excited", "cheerful", "calm"]
     for k in range(1, 8):
-        feelings = " ".join(f"Tom felt {f}." for f in ["happy", "glad", "joyful", "proud", "excited", "cheerful",
-                                                        "calm"][:k])
-        scores.append(w.gold_score(STORY, f"Once upon a time, a dog named Tom lived in the park. {feelings} The end."))
+        feelings = " ".join(f"Tom felt {f}." for f in words[:k])
+        story = f"Once upon a time, a dog named Tom lived in the park. {feelings} The end."
+        scores.append(w.gold_score(STORY, story))
     gains = [b - a for a, b in zip(scores, scores[1:])]
     assert gains[0] > gains[1] > 0  # diminishing returns
-    assert max(scores) < w.JUDGE_MAX and scores[-1] < max(scores) - 0.3  # gushing costs more than it gains
+    # gushing costs more than it gains
+    assert max(scores) < w.JUDGE_MAX and scores[-1] < max(scores) - 0.3
 
 
 def test_every_score_lies_within_the_documented_range(small_world):
@@ -122,7 +131,7 @@ def test_every_score_lies_within_the_documented_range(small_world):
             assert w.JUDGE_MIN < w.gold_score(r["prompt"], resp) <= w.JUDGE_MAX
 
 
-# ----------------------------------------------------------------------------- the verifiable task
+# ------------------------------------------------------------ the verifiable task
 def test_every_generated_problem_is_solvable_and_its_worked_response_passes_the_checker():
     rng = random.Random(0)
     for _ in range(500):
@@ -134,12 +143,15 @@ def test_every_generated_problem_is_solvable_and_its_worked_response_passes_the_
 def test_check_answer_reads_the_first_sentence_and_rejects_listing_candidates():
     assert w.check_answer("five", "Tom has five apples. Two and three make five.")
     assert w.check_answer("five", "Five.")
-    assert not w.check_answer("five", "Tom has six apples. No, five.")  # only the first sentence counts
-    assert not w.check_answer("five", "One two three four five six seven eight nine.")  # listing every number
-    assert w.check_answer("park", "Tom went to the park.") and not w.check_answer("park", "Tom went to the lake.")
+    # only the first sentence counts
+    assert not w.check_answer("five", "Tom has six apples. No, five.")
+    # listing every number
+    assert not w.check_answer("five", "One two three four five six seven eight nine.")
+    assert w.check_answer("park", "Tom went to the park.")
+    assert not w.check_answer("park", "Tom went to the lake.")
 
 
-# ----------------------------------------------------------------------------- the annotator
+# ------------------------------------------------------------ the annotator
 def test_annotator_flip_rate_matches_the_expected_rate_within_sampling_error():
     rng = random.Random(0)
     margins = [rng.uniform(-1.5, 1.5) for _ in range(20000)]
@@ -148,7 +160,8 @@ def test_annotator_flip_rate_matches_the_expected_rate_within_sampling_error():
         a_wins = w.annotate(m, 0.0, rng)
         pairs.append((m, 0.0) if a_wins else (0.0, m))  # (gold_chosen, gold_rejected)
     expected, empirical = w.flip_rates(pairs)
-    se = math.sqrt(sum(w.sigmoid(-abs(m) / w.TAU) * (1 - w.sigmoid(-abs(m) / w.TAU)) for m in margins)) / len(margins)
+    flips = [w.sigmoid(-abs(m) / w.TAU) for m in margins]
+    se = math.sqrt(sum(p * (1 - p) for p in flips)) / len(margins)
     assert abs(empirical - expected) < 4 * se
 
 
@@ -159,9 +172,10 @@ def test_world_json_reports_a_flip_rate_consistent_with_its_pairs(small_world):
     assert 0 < stats["sft_mean_gold"] < stats["judge_max"]
 
 
-# ----------------------------------------------------------------------------- the entropy floor
+# ------------------------------------------------------------ the entropy floor
 def test_same_document_always_gets_the_same_logprob_and_frequencies_match_it():
-    """If two derivations could give one text, that text would show two log-probs or appear more often than p says."""
+    """If two derivations could give one text, that text would show two log-probs or appear more
+    often than p says."""
     rng, n = random.Random(1), 10000
     logps = collections.defaultdict(set)
     for _ in range(n):
@@ -174,7 +188,8 @@ def test_same_document_always_gets_the_same_logprob_and_frequencies_match_it():
         doc = " ".join(w.fact_doc(g))
         counts[doc] += 1
         logp[doc] = g.logprob()
-    frequent = [d for d in logp if math.exp(logp[d]) > 2e-3]  # chosen by p, not by count (no selection bias)
+    # chosen by p, not by count (no selection bias)
+    frequent = [d for d in logp if math.exp(logp[d]) > 2e-3]
     assert len(frequent) > 20
     for d in frequent:
         p = math.exp(logp[d])
@@ -192,4 +207,5 @@ def test_entropy_floor_is_positive_and_below_the_unigram_entropy(small_world):
     freq = collections.Counter(ids)
     unigram = -sum(c / len(ids) * math.log(c / len(ids)) for c in freq.values())
     assert 0 < floor < unigram
-    assert json.loads((small_world / "world.json").read_text())["entropy_floor_nats_per_token"] == floor
+    stats = json.loads((small_world / "world.json").read_text())
+    assert stats["entropy_floor_nats_per_token"] == floor
