@@ -81,7 +81,7 @@ def bench_pretrain(b: Bench, key, model, batch: int, T: int, dtype: str, compile
     def step():
         with common.autocast(b.device, dtype):
             logits = forward(xy[:, :-1]).float()
-            loss = F.cross_entropy(logits.flatten(0, 1), xy[:, 1:].flatten())
+            loss = F.cross_entropy(logits.flatten(0, 1), xy[:, 1:].flatten())  # (B*T, V), (B*T,)
         train_step(model, optimizer, loss, pc.grad_clip)
     slow = dtype != "float32" and not b.device.startswith("cuda")  # machine.NATIVE_BF16
     b.item(key, step, batch * T, "tok/s", slow, batch * T, model.flops_per_token(T), note)
@@ -219,8 +219,8 @@ def bench_grpo(b: Bench, args):
     def update(policy, optimizer, ro, scores, it):
         # train_grpo's phases 2-3: the k1 penalty in the reward, group advantages, the updates
         kl = rl.masked_sum(ro.logprobs - ro.ref_logprobs, ro.response_mask, 1)
-        rewards = (scores - cfg.kl_coef * kl).view(-1, cfg.group_size)
-        advantages = group_advantages(rewards, cfg.estimator, cfg.scale_by_std).view(-1)
+        rewards = (scores - cfg.kl_coef * kl).view(-1, cfg.group_size)  # (n_groups, G)
+        advantages = group_advantages(rewards, cfg.estimator, cfg.scale_by_std).view(-1)  # (B,)
         grpo_update(policy, optimizer, ro, advantages, torch.ones_like(advantages, dtype=bool),
                     cfg, it, d)
     prompts = [p for p in random_seqs(c, cfg.prompts_per_iter, c.prompt_len, seed=6)
@@ -246,7 +246,7 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    # plain argparse rather than common.parse_config: these are switches (`--json`, no value)
+    # plain argparse rather than config.parse_config: these are switches (`--json`, no value)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument

@@ -1,7 +1,7 @@
 """
 The run doctor: reads a stage's metrics.jsonl for the known failure signatures and says, once per
 signature, what it usually means and where the tutorials explain it. It runs after training, never
-inside the loop (the loop's only check is a non-finite loss, in common.MetricsLog); the pipeline
+inside the loop (the loop's only check is a non-finite loss, in record.MetricsLog); the pipeline
 calls it after every stage.
 
     python -m nanoalign.doctor out/tiny/ppo/metrics.jsonl out/tiny/dpo/metrics.jsonl
@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 
-from nanoalign.common import read_metrics
+from nanoalign.record import read_metrics
 
 TUTORIAL = "tutorials/{}#healthy-and-unhealthy-curves"
 PPO, DPO = TUTORIAL.format("04-ppo.md"), TUTORIAL.format("05-dpo.md")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common, world
+from nanoalign import common, config, record, world
 from nanoalign.data import (DataError, concatenated_batch, load_prefs, load_prompts,
                             load_verifiable, read_jsonl, tokenize_pref)
 from nanoalign.generate import generate, response_logprobs, sequence_logps
@@ -62,10 +62,10 @@ class EvalConfig:
     labels: str = ""  # a labelling tool file (or its .log.jsonl): win rates from people's choices
 
     def validate(self):
-        common.check(self.judge in ("gold", "rm", "none"), "judge",
+        config.check(self.judge in ("gold", "rm", "none"), "judge",
                      f"must be gold, rm or none, got {self.judge!r}")
-        common.check(self.judge != "rm" or self.reward_model, "judge", "needs --reward_model")
-        common.check(self.temperature > 0, "temperature", "must be > 0: the KL to SFT is measured "
+        config.check(self.judge != "rm" or self.reward_model, "judge", "needs --reward_model")
+        config.check(self.temperature > 0, "temperature", "must be > 0: the KL to SFT is measured "
                      "at the sampling temperature, and at 0 (greedy) the log-probs are undefined")
 
 
@@ -114,7 +114,7 @@ def win_rate(a, b):
 def setup(cfg: EvalConfig) -> SimpleNamespace:
     """What every evaluation shares: SFT's model and tokenizer, the prompts, the RM, the judge."""
     device = common.init_dist(cfg.device).device
-    sft_ckpt = common.load_checkpoint(cfg.sft)
+    sft_ckpt = record.load_checkpoint(cfg.sft)
     tok = load_tokenizer(sft_ckpt["tokenizer_path"])
     prompts = load_prompts(cfg.prompts)[:cfg.n_prompts]
     judge = world.gold_scores if cfg.judge == "gold" else None
@@ -144,7 +144,7 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
     sft_pair_logps = pair_logps(s.sft, pairs, s.tok.pad_id, s.device) if pairs else None
     results = {}
     for name, path in tqdm(models.items(), desc="evaluate", dynamic_ncols=True):
-        ckpt = common.load_checkpoint(path, tokenizer=s.tok.name)
+        ckpt = record.load_checkpoint(path, tokenizer=s.tok.name)
         model = GPT.from_checkpoint(ckpt, s.device).eval()
         batches, texts, gold, rm = answers_and_scores(s, model, cfg.seed)
         kl = (sequence_logprob_sums(model, batches, cfg.temperature)
@@ -169,7 +169,8 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
         r["samples"] = [{"prompt": p, "response": t} for p, t in zip(s.prompts[:3], texts[:3])]
         results[name] = r
     if pairs and s.rm is not None:
-        chosen, rejected = pair_rm_scores(s.rm, pairs, s.tok.pad_id, s.device).T.tolist()
+        scores = pair_rm_scores(s.rm, pairs, s.tok.pad_id, s.device)  # (n, 2)
+        chosen, rejected = scores.T.tolist()  # (2, n)
         acc, ci = win_rate(chosen, rejected)
         rm_row = {"pref_accuracy": acc, "pref_accuracy_ci": ci, "pairs": len(pairs)}
         if s.judge is not None and all("gold_chosen" in r for r in records):
@@ -263,7 +264,7 @@ def verifiable_accuracy(cfg: EvalConfig, models: dict, problems_path: str) -> di
                                    in zip(problems, sample_answers(s, model, seed, ids)[1])]
     sft_correct, results = correct(s.sft, cfg.seed + 1), {}
     for name, path in models.items():
-        ckpt = common.load_checkpoint(path, tokenizer=s.tok.name)
+        ckpt = record.load_checkpoint(path, tokenizer=s.tok.name)
         c = correct(GPT.from_checkpoint(ckpt, s.device).eval(), cfg.seed)
         acc, ci = mean_and_ci(c)
         diff, diff_ci = mean_and_ci([a - b for a, b in zip(c, sft_correct)])
@@ -273,7 +274,7 @@ def verifiable_accuracy(cfg: EvalConfig, models: dict, problems_path: str) -> di
 
 
 def main(argv=None):
-    cfg = common.parse_config(EvalConfig, argv, __doc__)
+    cfg = config.parse_config(EvalConfig, argv, __doc__)
     models = dict(pair.split("=", 1) for pair in cfg.models.split(",") if pair)
     if not models and not cfg.labels:
         raise SystemExit("--models: give at least one name=checkpoint pair (or --labels FILE)")

@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import bench, common, machine, pipeline
+from nanoalign import bench, common, machine, pipeline, record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = "pretrain,sft,rm,ppo,dpo,grpo,rlvr,pretrain_small,distill"
@@ -79,7 +79,7 @@ def ddp_worker(args):
         model = module.main([x for k, v in stage_args.items() for x in (f"--{k}", str(v))])
         sums[name] = [float(p.detach().double().sum()) for p in model.parameters()]
         metrics = os.path.join(stage_args["out_dir"], "metrics.jsonl")
-        sums[f"{name}_rows"] = len(common.read_metrics(metrics)) if d.master else None
+        sums[f"{name}_rows"] = len(record.read_metrics(metrics)) if d.master else None
     with open(os.path.join(args.out, f"ddp_rank{d.rank}.json"), "w") as f:
         json.dump(sums, f)
     cleanup()

@@ -26,7 +26,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common
+from nanoalign import common, config, record
 from nanoalign.data import load_prompts
 from nanoalign.generate import generate
 from nanoalign.rl import response_texts
@@ -49,8 +49,8 @@ class LabelConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self):
-        common.check(self.n > 0, "n", "must be > 0")
-        common.check(self.temperature > 0, "temperature",
+        config.check(self.n > 0, "n", "must be > 0")
+        config.check(self.temperature > 0, "temperature",
                      "must be > 0 (two greedy answers would be identical)")
 
 
@@ -58,7 +58,7 @@ KEYS = {"a": "A", "b": "B", "t": "tie", "s": "skip", "q": "quit"}
 
 
 def load_model(path, device):
-    ckpt = common.load_checkpoint(path, stages=["sft", "ppo", "dpo", "grpo"])
+    ckpt = record.load_checkpoint(path, stages=["sft", "ppo", "dpo", "grpo"])
     return load_tokenizer(ckpt["tokenizer_path"]), GPT.from_checkpoint(ckpt, device).eval()
 
 
@@ -97,13 +97,13 @@ def append(path: str, record: dict):
 
 
 def main(argv=None):
-    cfg = common.parse_config(LabelConfig, argv, __doc__)
+    cfg = config.parse_config(LabelConfig, argv, __doc__)
     device = common.init_dist(cfg.device).device
     tok, model = load_model(cfg.ckpt, device)
     models, sources = [model], [cfg.ckpt, cfg.ckpt]
     if cfg.compare:
         other_tok, other = load_model(cfg.compare, device)
-        common.check(other_tok.name == tok.name, "compare",
+        config.check(other_tok.name == tok.name, "compare",
                      f"tokenizer {other_tok.name} != {tok.name}")
         models, sources = [model, other], [cfg.ckpt, cfg.compare]
     prompts, log_path = load_prompts(cfg.prompts), cfg.out + ".log.jsonl"

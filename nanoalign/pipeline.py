@@ -23,8 +23,8 @@ from dataclasses import dataclass
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import (common, doctor, report, train_distill, train_dpo, train_grpo, train_ppo,
-                       train_pretrain, train_rm, train_sft, world)
+from nanoalign import (config, doctor, record, report, train_distill, train_dpo, train_grpo,
+                       train_ppo, train_pretrain, train_rm, train_sft, world)
 
 # Per-stage overrides of each stage's own defaults ("tiny" is the defaults: one source of truth)
 PRESETS = {
@@ -90,20 +90,20 @@ class PipelineConfig:
     overopt_iters: int = 120  # sweep: iterations of the beta = 0 PPO run (0 = skip that run)
 
     def validate(self):
-        common.check(self.preset in PRESETS, "preset", f"one of {list(PRESETS)}")
+        config.check(self.preset in PRESETS, "preset", f"one of {list(PRESETS)}")
         unknown = [s for s in self.stages.split(",") if s and s not in STAGES]
-        common.check(not unknown, "stages",
+        config.check(not unknown, "stages",
                      f"unknown stage(s) {unknown}; known: {','.join(STAGES)}")
         for name in ("ppo_betas", "dpo_betas", "best_of"):
             try:
                 values = floats(getattr(self, name))
             except ValueError:
                 values = None
-            common.check(bool(values) and min(values) > 0, name,
+            config.check(bool(values) and min(values) > 0, name,
                          "a comma-separated list of numbers > 0")
-        common.check(all(n == int(n) for n in floats(self.best_of)), "best_of", "whole numbers")
-        common.check(self.seeds >= 1, "seeds", "must be >= 1")
-        common.check(not (self.sweep and self.seeds > 1), "seeds",
+        config.check(all(n == int(n) for n in floats(self.best_of)), "best_of", "whole numbers")
+        config.check(self.seeds >= 1, "seeds", "must be >= 1")
+        config.check(not (self.sweep and self.seeds > 1), "seeds",
                      "run --sweep and --seeds separately")
 
 
@@ -179,17 +179,17 @@ def run_stage(name, module, args: dict, force: bool, path_roots: dict | None = N
                train_rm: train_rm.RMConfig, train_ppo: train_ppo.PPOConfig,
                train_dpo: train_dpo.DPOConfig, train_grpo: train_grpo.GRPOConfig,
                train_distill: train_distill.DistillConfig}[module]
-    stage_cfg = common.parse_config(cfg_cls, argv)
+    stage_cfg = config.parse_config(cfg_cls, argv)
     parent = getattr(stage_cfg, "init", "")
-    stamp = {"config": common.config_hash(stage_cfg, path_roots),
-             "parent": common.file_hash(parent) if parent else None, "world": world}
+    stamp = {"config": config.config_hash(stage_cfg, path_roots),
+             "parent": record.file_hash(parent) if parent else None, "world": world}
     # the other checkpoints a stage reads: a re-trained reward model (or teacher) re-runs the
     # stages that use it. DPO reads the reward model only to label online pairs.
     if hasattr(stage_cfg, "online_rounds"):
         uses_rm = stage_cfg.online_rounds > 0 and stage_cfg.online_judge == "rm"
     else:
         uses_rm = getattr(stage_cfg, "reward", "") == "rm"
-    inputs = {k: common.file_hash(v) for k, v in vars(stage_cfg).items()
+    inputs = {k: record.file_hash(v) for k, v in vars(stage_cfg).items()
               if (k == "teacher" or k == "reward_model" and uses_rm) and os.path.isfile(v)}
     if inputs:
         stamp["inputs"] = inputs
@@ -217,7 +217,7 @@ def run_stage(name, module, args: dict, force: bool, path_roots: dict | None = N
 
 
 def main(argv=None):
-    cfg = common.parse_config(PipelineConfig, argv, __doc__)
+    cfg = config.parse_config(PipelineConfig, argv, __doc__)
     return run_seeds(cfg) if cfg.seeds > 1 else run(cfg)
 
 
@@ -262,7 +262,7 @@ def run_sweep(cfg: PipelineConfig, world_dir: str, t_start: float):
     finished runs are skipped like pipeline stages."""
     plan = {name: (module, args) for name, module, args in stage_plan(cfg, world_dir)}
     missing = [name for name in ("ppo", "dpo") if name not in plan]
-    common.check(not missing, "stages", f"--sweep needs {missing}: the sweep starts from them")
+    config.check(not missing, "stages", f"--sweep needs {missing}: the sweep starts from them")
     sweep_dir = os.path.join(cfg.out, "sweep")
     ck = lambda stage: os.path.join(cfg.out, stage, "ckpt.pt")
     runs = {"ppo": [("ppo", "kl_coef", ck("ppo"))], "dpo": [("dpo", "beta", ck("dpo"))],

@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import common, machine
+from nanoalign import config, machine, record
 from nanoalign.evaluate import (EvalConfig, answers_and_scores, evaluate_models, mean_and_ci,
                                 setup, verifiable_accuracy, win_rate)
 
@@ -28,7 +28,7 @@ def eval_config(run_dir, world_dir, overrides: dict, device="auto", seed=0) -> E
     argv += ["--sft", os.path.join(run_dir, "sft", "ckpt.pt"), "--device", device,
              "--seed", str(seed), "--reward_model", rm if os.path.exists(rm) else "",
              "--prompts", os.path.join(world_dir, "prompts_eval.jsonl")]
-    return common.parse_config(EvalConfig, argv)
+    return config.parse_config(EvalConfig, argv)
 
 
 def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, device="auto", seed=0):
@@ -42,7 +42,7 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
         stages[name] = {k: r[k] for k in REPORT_FIELDS + ["win_rate_ci"]}
         stages[name] |= {"wall_seconds": wall.get(MODEL_STAGES[name], 0.0), "samples": r["samples"]}
     if os.path.exists(stage_ckpt("rm")):
-        rm_metrics = common.load_checkpoint(stage_ckpt("rm")).get("metrics") or {}
+        rm_metrics = record.load_checkpoint(stage_ckpt("rm")).get("metrics") or {}
         stages["rm"] = {"val_accuracy": rm_metrics.get("val_accuracy"),
                         "wall_seconds": wall.get("rm", 0.0),
                         "gold_agreement": rm_metrics.get("gold_agreement")}
@@ -56,7 +56,7 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
             stages[name] |= {"verifiable_" + k: v for k, v in r.items()}
     # the student's size and sampling speed beside its teacher's
     if "distill" in models:
-        ck = common.load_checkpoint(models["distill"])
+        ck = record.load_checkpoint(models["distill"])
         speed = ck.get("sampling_speed") or {}
         stages["distill"] |= {f"{who}_params": n for who, n in (ck.get("params") or {}).items()}
         stages["distill"] |= {f"{who}_new_tokens_per_s": v for who, v in speed.items()}
@@ -64,7 +64,7 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
     world_stats = json.load(open(world_json)) if os.path.exists(world_json) else {}
     # the last evaluation row of pretraining: its validation loss and the world's entropy floor
     pre = os.path.join(run_dir, "pretrain", "metrics.jsonl")
-    evals = [r for r in common.read_metrics(pre) if "val_loss" in r] if os.path.exists(pre) else []
+    evals = [r for r in record.read_metrics(pre) if "val_loss" in r] if os.path.exists(pre) else []
     world_keys = ("world_hash", "judge_max", "sft_mean_gold", "expected_flip_rate",
                   "empirical_flip_rate")
     report = {"preset": preset, "machine": machine.machine_name(),
@@ -143,7 +143,7 @@ def plot_run(run_dir):
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (stage, keys) in zip(list(axes) if len(panels) > 1 else [axes], panels):
-        rows = common.read_metrics(os.path.join(run_dir, stage, "metrics.jsonl"))
+        rows = record.read_metrics(os.path.join(run_dir, stage, "metrics.jsonl"))
         for key in keys:
             pts = [(r.get("step", r.get("iter")), r[key]) for r in rows if r.get(key) is not None]
             if pts:
@@ -228,13 +228,13 @@ def write_sweep(sweep_dir, cfg: EvalConfig, runs: dict, best_of: list[int], over
     points = [{"method": "sft", "label": "SFT", **results["sft"]}]
     for method in runs:
         for name, key, _ in runs[method]:
-            beta = common.load_checkpoint(models[name])["config"][key]
+            beta = record.load_checkpoint(models[name])["config"][key]
             points.append({"method": method, "label": f"{beta:g}", "beta": beta, **results[name]})
     bon = best_of_n(cfg, best_of)
     points += [{"method": "bon", "label": f"n={r['n']}", **r} for r in bon.values()]
     for p in points:
         p.pop("samples", None)
-    overopt_rows = [r for r in common.read_metrics(overopt) if "score" in r] if overopt else []
+    overopt_rows = [r for r in record.read_metrics(overopt) if "score" in r] if overopt else []
     sweep = {"preset": preset, "machine": machine.machine_name(),
              "total_seconds": time.time() - t_start,
              "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,

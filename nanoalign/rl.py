@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoalign.common import all_reduce_sum, autocast, load_checkpoint
+from nanoalign.common import all_reduce_sum, autocast
 from nanoalign.data import concatenated_batch
 from nanoalign.generate import entropy_from_logits, generate, last_true, response_logprobs, upcast
 from nanoalign.model import GPT
+from nanoalign.record import load_checkpoint
 from nanoalign.tokenizer import render_chat
 
 

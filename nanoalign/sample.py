@@ -22,7 +22,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common
+from nanoalign import common, config, record
 from nanoalign.generate import generate
 from nanoalign.tokenizer import load_tokenizer, render_chat
 from nanoalign.model import GPT
@@ -47,12 +47,12 @@ class SampleConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self):
-        common.check(self.template in ("auto", "yes", "no"), "template",
+        config.check(self.template in ("auto", "yes", "no"), "template",
                      f"auto, yes or no, not {self.template!r}")
 
 
 def load(path: str, device: str):
-    ckpt = common.load_checkpoint(path)
+    ckpt = record.load_checkpoint(path)
     return ckpt, load_tokenizer(ckpt["tokenizer_path"]), GPT.from_checkpoint(ckpt, device).eval()
 
 
@@ -90,7 +90,7 @@ def chat_loop(models: dict, cfg: SampleConfig, device) -> dict:
 
 
 def main(argv=None):
-    cfg = common.parse_config(SampleConfig, argv, __doc__)
+    cfg = config.parse_config(SampleConfig, argv, __doc__)
     device = common.init_dist(cfg.device).device
     models = {}
     for path in [cfg.ckpt] + ([cfg.compare] if cfg.compare else []):
@@ -99,7 +99,7 @@ def main(argv=None):
         name = os.path.basename(os.path.abspath(where))
         models[name if name not in models else name + "'"] = load(path, device)
     names = {tok.name for _, tok, _ in models.values()}
-    common.check(len(names) == 1, "compare",
+    config.check(len(names) == 1, "compare",
                  f"the two checkpoints use different tokenizers {sorted(names)}")
     if cfg.chat:
         return chat_loop(models, cfg, device)

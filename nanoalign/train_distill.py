@@ -33,7 +33,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # `torchrun nanoalign/train_distill.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common
+from nanoalign import common, config, record
 from nanoalign.data import load_prompts
 from nanoalign.generate import generate, upcast
 from nanoalign.model import GPT, GPTConfig, set_dropout
@@ -67,10 +67,10 @@ class DistillConfig:
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to max_steps)
 
     def validate(self):
-        common.check(self.temperature > 0 and self.sample_temperature > 0, "temperature",
+        config.check(self.temperature > 0 and self.sample_temperature > 0, "temperature",
                      "must be > 0")
-        common.check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
-        common.check(self.max_steps > 0 and self.batch_size > 0, "max_steps",
+        config.check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
+        config.check(self.max_steps > 0 and self.batch_size > 0, "max_steps",
                      "max_steps and batch_size must be > 0")
 
 
@@ -104,7 +104,7 @@ def new_student(cfg: DistillConfig, teacher, tok, device) -> GPT:
         sizes = GPTConfig(c.block_size, c.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)
         return GPT(sizes).to(device)
     # the same tokenizer, so the two vocabularies (and distributions) line up token for token
-    ckpt = common.load_checkpoint(cfg.init, stages=["pretrain", "sft"], tokenizer=tok.name)
+    ckpt = record.load_checkpoint(cfg.init, stages=["pretrain", "sft"], tokenizer=tok.name)
     return GPT.from_checkpoint(ckpt, device)
 
 
@@ -113,7 +113,7 @@ def train(cfg: DistillConfig):
     #    the prompts, the optimizer, resume
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
-    parent = common.load_checkpoint(cfg.teacher,
+    parent = record.load_checkpoint(cfg.teacher,
                                     stages=["sft", "ppo", "dpo", "grpo", "distill"])
     tok = load_tokenizer(parent["tokenizer_path"])
     teacher = GPT.from_checkpoint(parent, d.device, scalar_head=False)
@@ -121,18 +121,18 @@ def train(cfg: DistillConfig):
     student = set_dropout(new_student(cfg, teacher, tok, d.device), 0.0)
     prompts = [render_chat(tok, m, add_generation_prompt=True)[0]
                for m in load_prompts(cfg.prompts)]
-    common.check(max(map(len, prompts)) + cfg.max_new_tokens <= student.config.block_size,
+    config.check(max(map(len, prompts)) + cfg.max_new_tokens <= student.config.block_size,
                  "max_new_tokens", f"the longest prompt + {cfg.max_new_tokens} new tokens > "
                  f"block_size {student.config.block_size}")
     optimizer = common.make_optimizer(student, cfg.lr, 0.0)
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, stages=["distill"], tokenizer=tok.name)
-        step = common.restore(ckpt, student, optimizer, d)
+        ckpt = record.load_checkpoint(ckpt_path, stages=["distill"], tokenizer=tok.name)
+        step = record.restore(ckpt, student, optimizer, d)
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
     raw_student, student = student, common.wrap_ddp(student, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
     stop = common.StopSignal(d.device)
     sizes = {"teacher": teacher.num_params(), "student": raw_student.num_params()}
     if d.master:
@@ -140,9 +140,9 @@ def train(cfg: DistillConfig):
               f"parameters | {cfg.batch_size * d.world} prompts/step | {d.world} rank(s)")
 
     def save(**extra):
-        common.save_stage(ckpt_path, d, "distill", raw_student, optimizer, step, cfg, tok,
+        record.save_stage(ckpt_path, d, "distill", raw_student, optimizer, step, cfg, tok,
                           parent["tokenizer_path"], cfg.init if cfg.init != "scratch" else None,
-                          generators=common.generator_states(generator, d), teacher=cfg.teacher,
+                          generators=record.generator_states(generator, d), teacher=cfg.teacher,
                           **extra)
 
     bar = common.progress(cfg.max_steps, step, "distill", not d.master)
@@ -197,7 +197,7 @@ def train(cfg: DistillConfig):
 
 
 def main(argv=None):
-    return train(common.parse_config(DistillConfig, argv, __doc__))
+    return train(config.parse_config(DistillConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

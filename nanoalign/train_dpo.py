@@ -34,7 +34,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common
+from nanoalign import common, config, record
 from nanoalign.data import concatenated_batch, load_prefs, load_prompts, tokenize_pref
 from nanoalign.generate import sequence_logps
 from nanoalign.model import GPT, set_dropout
@@ -78,12 +78,12 @@ class DPOConfig:
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
 
     def validate(self):
-        common.check(self.beta > 0, "beta", "must be > 0")
-        common.check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
-        common.check(self.epochs >= 0, "epochs", "must be >= 0")
-        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
+        config.check(self.beta > 0, "beta", "must be > 0")
+        config.check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        config.check(self.epochs >= 0, "epochs", "must be >= 0")
+        config.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
                      "batch_size and grad_accum must be > 0")
-        common.check(self.online_judge in ("rm", "gold") or ":" in self.online_judge,
+        config.check(self.online_judge in ("rm", "gold") or ":" in self.online_judge,
                      "online_judge", "must be 'rm', 'gold' or 'module:function' (your own reward)")
 
 
@@ -132,7 +132,7 @@ class Run:
     raw_policy: torch.nn.Module  # the plain module: what is saved, sampled and validated
     ref: torch.nn.Module  # frozen
     optimizer: torch.optim.Optimizer
-    log: common.MetricsLog
+    log: record.MetricsLog
     stop: common.StopSignal
     tokenizer_path: str  # the parent's, recorded in every checkpoint
     val_set: list
@@ -141,7 +141,7 @@ class Run:
 
 
 def save(run: Run):
-    common.save_stage(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.d, "dpo", run.raw_policy,
+    record.save_stage(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.d, "dpo", run.raw_policy,
                       run.optimizer, run.step, run.cfg, run.tok, run.tokenizer_path, run.cfg.init)
 
 
@@ -246,23 +246,23 @@ def train(cfg: DPOConfig):
     #    stops on an unused parameter), its frozen copy as reference, the pairs, the optimizer
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
-    parent = common.load_checkpoint(cfg.init, stages=["sft", "dpo", "ppo", "grpo"])
+    parent = record.load_checkpoint(cfg.init, stages=["sft", "dpo", "ppo", "grpo"])
     tok = load_tokenizer(parent["tokenizer_path"])
     policy = set_dropout(GPT.from_checkpoint(parent, d.device, scalar_head=False), 0.0)
     policy = common.with_precision(policy, cfg.dtype)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     max_len = cfg.max_len or policy.config.block_size
-    common.check(max_len <= policy.config.block_size, "max_len", f"{max_len} > the block_size")
+    config.check(max_len <= policy.config.block_size, "max_len", f"{max_len} > the block_size")
     load = lambda path: [tokenize_pref(tok, ex, max_len) for ex in load_prefs(path, cfg.skip_bad)]
     train_set = load(cfg.data) if cfg.epochs else []
     optimizer = common.make_optimizer(policy, cfg.lr, 0.0)
     step = 0
     if cfg.resume:  # the offline pass continues from the saved step (online rounds restart)
-        ckpt = common.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), stages=["dpo"],
+        ckpt = record.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), stages=["dpo"],
                                       tokenizer=tok.name)
-        step = common.restore(ckpt, policy, optimizer, d)
+        step = record.restore(ckpt, policy, optimizer, d)
     run = Run(cfg, d, tok, common.wrap_ddp(policy, d), policy, ref, optimizer,
-              common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None),
+              record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None),
               common.StopSignal(d.device), parent["tokenizer_path"],
               load(cfg.val_data) if cfg.val_data else [], step)
     # 1. the offline pass: --epochs over the preference pairs
@@ -293,7 +293,7 @@ def train(cfg: DPOConfig):
 
 
 def main(argv=None):
-    return train(common.parse_config(DPOConfig, argv, __doc__))
+    return train(config.parse_config(DPOConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common
+from nanoalign import common, config, record
 from nanoalign.data import load_prompts, load_verifiable
 from nanoalign.generate import response_logprobs
 from nanoalign.model import GPT, set_dropout
@@ -89,14 +89,14 @@ class GRPOConfig:
     stop_at: int = 0  # stop with a checkpoint after this iteration (0 = run to the end)
 
     def validate(self):
-        common.check(self.estimator in ("grpo", "rloo"), "estimator", "must be 'grpo' or 'rloo'")
-        common.check(self.group_size >= 2, "group_size", "a group needs at least 2 responses")
-        common.check(self.prompts_per_iter % self.minibatches == 0, "prompts_per_iter",
+        config.check(self.estimator in ("grpo", "rloo"), "estimator", "must be 'grpo' or 'rloo'")
+        config.check(self.group_size >= 2, "group_size", "a group needs at least 2 responses")
+        config.check(self.prompts_per_iter % self.minibatches == 0, "prompts_per_iter",
                      f"{self.prompts_per_iter} is not divisible by minibatches {self.minibatches}")
-        common.check(self.loss_norm in ("token", "sequence"), "loss_norm",
+        config.check(self.loss_norm in ("token", "sequence"), "loss_norm",
                      "must be 'token' or 'sequence'")
-        common.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        common.check(self.temperature > 0, "temperature", "must be > 0")
+        config.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        config.check(self.temperature > 0, "temperature", "must be > 0")
 
 
 def group_advantages(rewards, estimator: str = "grpo", scale_by_std: bool = True,
@@ -177,7 +177,7 @@ def train(cfg: GRPOConfig):
     #    the baseline), the frozen reference, the prompts, the reward, the optimizer, resume
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
-    parent = common.load_checkpoint(cfg.init, stages=["sft", "grpo", "ppo", "dpo"])
+    parent = record.load_checkpoint(cfg.init, stages=["sft", "grpo", "ppo", "dpo"])
     tok = load_tokenizer(parent["tokenizer_path"])
     policy = set_dropout(GPT.from_checkpoint(parent, d.device, scalar_head=False), 0.0)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -189,24 +189,24 @@ def train(cfg: GRPOConfig):
     log_gold = cfg.log_gold and not verifiable
     gold_fn = make_scorer("gold", None, tok, d.device) if log_gold else None
     G, n_prompts = cfg.group_size, cfg.prompts_per_iter
-    common.check(max(map(len, prompt_ids)) + cfg.max_new_tokens <= policy.config.block_size,
+    config.check(max(map(len, prompt_ids)) + cfg.max_new_tokens <= policy.config.block_size,
                  "max_new_tokens", f"the longest prompt + {cfg.max_new_tokens} new tokens > "
                  f"block_size {policy.config.block_size}")
     optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5)
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)
     it, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, stages=["grpo"], tokenizer=tok.name)
-        it = common.restore(ckpt, policy, optimizer, d)
+        ckpt = record.load_checkpoint(ckpt_path, stages=["grpo"], tokenizer=tok.name)
+        it = record.restore(ckpt, policy, optimizer, d)
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
     raw_policy, policy = policy, common.wrap_ddp(policy, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, it if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, it if cfg.resume else None)
     stop = common.StopSignal(d.device)
 
     def save():
-        common.save_stage(ckpt_path, d, "grpo", raw_policy, optimizer, it, cfg, tok,
+        record.save_stage(ckpt_path, d, "grpo", raw_policy, optimizer, it, cfg, tok,
                           parent["tokenizer_path"], cfg.init,
-                          generators=common.generator_states(generator, d))
+                          generators=record.generator_states(generator, d))
 
     bar = common.progress(cfg.iterations, it, cfg.estimator, not d.master)
     last = cfg.stop_at if cfg.stop_at > 0 else cfg.iterations
@@ -259,7 +259,7 @@ def train(cfg: GRPOConfig):
 
 
 def main(argv=None):
-    return train(common.parse_config(GRPOConfig, argv, __doc__))
+    return train(config.parse_config(GRPOConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

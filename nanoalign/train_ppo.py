@@ -42,7 +42,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common
+from nanoalign import common, config, record
 from nanoalign.data import load_prompts
 from nanoalign.generate import last_true, response_logprobs
 from nanoalign.model import GPT, set_dropout
@@ -90,15 +90,15 @@ class PPOConfig:
     stop_at: int = 0  # stop with a checkpoint after this iteration (0 = run to the end)
 
     def validate(self):
-        common.check(self.batch_size % self.minibatches == 0, "batch_size",
+        config.check(self.batch_size % self.minibatches == 0, "batch_size",
                      f"{self.batch_size} is not divisible by minibatches {self.minibatches}")
-        common.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        common.check(self.reward != "verifiable", "reward", "the verifiable reward needs answers "
+        config.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        config.check(self.reward != "verifiable", "reward", "the verifiable reward needs answers "
                      "per prompt: use python -m nanoalign.train_grpo --reward verifiable")
-        common.check(self.temperature > 0, "temperature", "must be > 0 (sampling and log-probs)")
-        common.check(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "lam",
+        config.check(self.temperature > 0, "temperature", "must be > 0 (sampling and log-probs)")
+        config.check(0 <= self.lam <= 1 and 0 <= self.gamma <= 1, "lam",
                      "gamma and lam must be in [0, 1]")
-        common.check(self.iterations > 0 and self.ppo_epochs > 0, "iterations",
+        config.check(self.iterations > 0 and self.ppo_epochs > 0, "iterations",
                      "iterations and ppo_epochs must be > 0")
 
 
@@ -219,7 +219,7 @@ def train(cfg: PPOConfig):
     #    the frozen reference, the reward, the prompts, the optimizer, resume
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
-    parent = common.load_checkpoint(cfg.init, stages=["sft", "ppo", "dpo", "grpo"])
+    parent = record.load_checkpoint(cfg.init, stages=["sft", "ppo", "dpo", "grpo"])
     tok = load_tokenizer(parent["tokenizer_path"])
     policy = set_dropout(GPT.from_checkpoint(parent, d.device), 0.0)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -229,24 +229,24 @@ def train(cfg: PPOConfig):
     gold_fn = make_scorer("gold", None, tok, d.device) if cfg.log_gold else None
     prompts = load_prompts(cfg.prompts)
     prompt_ids = [render_chat(tok, m, add_generation_prompt=True)[0] for m in prompts]
-    common.check(max(map(len, prompt_ids)) + cfg.max_new_tokens <= policy.config.block_size,
+    config.check(max(map(len, prompt_ids)) + cfg.max_new_tokens <= policy.config.block_size,
                  "max_new_tokens", f"the longest prompt + {cfg.max_new_tokens} new tokens > "
                  f"block_size {policy.config.block_size}")
     optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5)  # eps 1e-5, as the references
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)
     it, kl_coef, ckpt_path = 0, cfg.kl_coef, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, stages=["ppo"], tokenizer=tok.name)
-        it, kl_coef = common.restore(ckpt, policy, optimizer, d), ckpt["kl_coef"]
+        ckpt = record.load_checkpoint(ckpt_path, stages=["ppo"], tokenizer=tok.name)
+        it, kl_coef = record.restore(ckpt, policy, optimizer, d), ckpt["kl_coef"]
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
     raw_policy, policy = policy, common.wrap_ddp(policy, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, it if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, it if cfg.resume else None)
     stop = common.StopSignal(d.device)
 
     def save():
-        common.save_stage(ckpt_path, d, "ppo", raw_policy, optimizer, it, cfg, tok,
+        record.save_stage(ckpt_path, d, "ppo", raw_policy, optimizer, it, cfg, tok,
                           parent["tokenizer_path"], cfg.init, kl_coef=kl_coef,
-                          generators=common.generator_states(generator, d))
+                          generators=record.generator_states(generator, d))
 
     bar = common.progress(cfg.iterations, it, "ppo", not d.master)
     last = cfg.stop_at if cfg.stop_at > 0 else cfg.iterations
@@ -293,7 +293,7 @@ def train(cfg: PPOConfig):
 
 
 def main(argv=None):
-    return train(common.parse_config(PPOConfig, argv, __doc__))
+    return train(config.parse_config(PPOConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # `torchrun nanoalign/train_pretrain.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common
+from nanoalign import common, config, record
 from nanoalign.generate import upcast
 from nanoalign.model import GPT, GPTConfig, grow_vocab, load_gpt2
 from nanoalign.tokenizer import load_tokenizer, save_tokenizer, train_bpe
@@ -72,14 +72,14 @@ class PretrainConfig:
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to max_steps)
 
     def validate(self):
-        common.check(self.max_steps > 0, "max_steps", "must be > 0")
-        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
+        config.check(self.max_steps > 0, "max_steps", "must be > 0")
+        config.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
                      "batch_size and grad_accum must be > 0")
-        common.check(self.n_embd % self.n_head == 0, "n_embd",
+        config.check(self.n_embd % self.n_head == 0, "n_embd",
                      f"{self.n_embd} not divisible by n_head {self.n_head}")
-        common.check(self.gelu in ("tanh", "none"), "gelu", "'tanh' or 'none'")
-        common.check(self.lr > 0, "lr", "must be > 0")
-        common.check(self.init_from == "scratch" or self.tokenizer == "gpt2"
+        config.check(self.gelu in ("tanh", "none"), "gelu", "'tanh' or 'none'")
+        config.check(self.lr > 0, "lr", "must be > 0")
+        config.check(self.init_from == "scratch" or self.tokenizer == "gpt2"
                      or os.path.isdir(self.tokenizer), "tokenizer",
                      "GPT-2 weights need GPT-2's tokenizer: the directory with vocab.json and "
                      "merges.txt")
@@ -131,6 +131,7 @@ def estimate_loss(model, data, cfg, d):
         x, y = get_batch(data, -1 - i, cfg, 0, common.Dist(device=d.device), cfg.batch_size)
         with common.autocast(d.device, cfg.dtype):
             logits = model(x)
+        # (B*T, V) logits against (B*T,) targets
         losses.append(F.cross_entropy(upcast(logits).flatten(0, 1), y.flatten()).item())
     model.train()
     return float(np.mean(losses))
@@ -173,11 +174,11 @@ def train(cfg: PretrainConfig):
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, stages=["pretrain"], tokenizer=tok.name)
-        step = common.restore(ckpt, model, optimizer, d)
+        ckpt = record.load_checkpoint(ckpt_path, stages=["pretrain"], tokenizer=tok.name)
+        step = record.restore(ckpt, model, optimizer, d)
     raw_model = model
     model = common.wrap_ddp(torch.compile(model) if cfg.compile else model, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
     stop = common.StopSignal(d.device)
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     tokens_per_step = global_batch * cfg.block_size
@@ -187,7 +188,7 @@ def train(cfg: PretrainConfig):
 
     def save():
         parent = cfg.init_from if cfg.init_from != "scratch" else None
-        common.save_stage(ckpt_path, d, "pretrain", raw_model, optimizer, step, cfg, tok,
+        record.save_stage(ckpt_path, d, "pretrain", raw_model, optimizer, step, cfg, tok,
                           cfg.tokenizer, parent)
 
     bar = common.progress(cfg.max_steps, step, "pretrain", not d.master)
@@ -203,6 +204,7 @@ def train(cfg: PretrainConfig):
             sync = micro == cfg.grad_accum - 1
             with common.no_sync_unless(model, d, sync), common.autocast(d.device, cfg.dtype):
                 logits = model(x)  # (B, T, V)
+                # (B*T, V) logits against (B*T,) targets, averaged over the micro-batches
                 loss = F.cross_entropy(upcast(logits).flatten(0, 1), y.flatten()) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
@@ -236,7 +238,7 @@ def train(cfg: PretrainConfig):
 
 
 def main(argv=None):
-    return train(common.parse_config(PretrainConfig, argv, __doc__))
+    return train(config.parse_config(PretrainConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common
+from nanoalign import common, config, record
 from nanoalign.data import load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
 from nanoalign.model import GPT, set_dropout
 from nanoalign.rl import mean_stats, pair_rewards, score_last_token
@@ -68,10 +68,10 @@ class RMConfig:
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to the end)
 
     def validate(self):
-        common.check(self.epochs > 0, "epochs", "must be > 0")
-        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
+        config.check(self.epochs > 0, "epochs", "must be > 0")
+        config.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
                      "batch_size and grad_accum must be > 0")
-        common.check(self.lr > 0, "lr", "must be > 0")
+        config.check(self.lr > 0, "lr", "must be > 0")
 
 
 def bt_loss(chosen_rewards, rejected_rewards, margin: float = 0.0):
@@ -126,12 +126,12 @@ def train(cfg: RMConfig):
     #    pairs, the optimizer, resume
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
-    parent = common.load_checkpoint(cfg.init, stages=["sft", "pretrain"])
+    parent = record.load_checkpoint(cfg.init, stages=["sft", "pretrain"])
     tok = load_tokenizer(parent["tokenizer_path"])
     model = set_dropout(GPT.from_checkpoint(parent, d.device), 0.0).add_scalar_head("reward")
     model = common.with_precision(model, cfg.dtype)
     max_len = cfg.max_len or model.config.block_size
-    common.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the block_size")
+    config.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the block_size")
     train_set = [tokenize_pref(tok, ex, max_len) for ex in load_prefs(cfg.data, cfg.skip_bad)]
     raw_val = load_prefs(cfg.val_data, cfg.skip_bad) if cfg.val_data else []
     val_set = [tokenize_pref(tok, ex, max_len) for ex in raw_val]
@@ -142,17 +142,17 @@ def train(cfg: RMConfig):
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, stages=["rm"], tokenizer=tok.name)
-        step = common.restore(ckpt, model, optimizer, d)
+        ckpt = record.load_checkpoint(ckpt_path, stages=["rm"], tokenizer=tok.name)
+        step = record.restore(ckpt, model, optimizer, d)
     raw_model, model = model, common.wrap_ddp(model, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
     stop = common.StopSignal(d.device)
     if d.master:
         print(f"reward model on {len(train_set):,} pairs ({len(val_set):,} val) | {max_steps} "
               f"steps of {global_batch} pairs")
 
     def save(offset=None, metrics=None):
-        common.save_stage(ckpt_path, d, "rm", raw_model, optimizer, step, cfg, tok,
+        record.save_stage(ckpt_path, d, "rm", raw_model, optimizer, step, cfg, tok,
                           parent["tokenizer_path"], cfg.init, reward_offset=offset,
                           metrics=metrics)
 
@@ -212,7 +212,7 @@ def train(cfg: RMConfig):
 
 
 def main(argv=None):
-    return train(common.parse_config(RMConfig, argv, __doc__))
+    return train(config.parse_config(RMConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

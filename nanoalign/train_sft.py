@@ -26,7 +26,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # `torchrun nanoalign/train_sft.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common
+from nanoalign import common, config, record
 from nanoalign.data import load_sft, pad, tokenize_sft
 from nanoalign.generate import generate, upcast
 from nanoalign.model import GPT, set_dropout
@@ -62,11 +62,11 @@ class SFTConfig:
     stop_at: int = 0  # stop with a checkpoint after this step (0 = run to max_steps)
 
     def validate(self):
-        common.check(self.max_steps > 0, "max_steps", "must be > 0")
-        common.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
+        config.check(self.max_steps > 0, "max_steps", "must be > 0")
+        config.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
                      "batch_size and grad_accum must be > 0")
-        common.check(self.lr > 0, "lr", "must be > 0")
-        common.check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        config.check(self.lr > 0, "lr", "must be > 0")
+        config.check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
 
 def sft_loss(logits, labels, n_tokens):
@@ -74,6 +74,7 @@ def sft_loss(logits, labels, n_tokens):
     response tokens in the whole optimizer batch. logits (B, T, V) predict labels (B, T) shifted by
     one; -100 = not trained."""
     logits, labels = upcast(logits[:, :-1]), labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    # (B*(T-1), V) logits against (B*(T-1),) labels
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                            reduction="sum") / n_tokens
 
@@ -116,13 +117,13 @@ def train(cfg: SFTConfig):
     #    and DDP stops on an unused parameter), the data, the optimizer, resume
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
-    parent = common.load_checkpoint(cfg.init,
+    parent = record.load_checkpoint(cfg.init,
                                     stages=["pretrain", "sft", "distill", "dpo", "ppo", "grpo"])
     tok = load_tokenizer(parent["tokenizer_path"])
     model = GPT.from_checkpoint(parent, d.device, scalar_head=False)
     model = common.with_precision(set_dropout(model, cfg.dropout), cfg.dtype)
     max_len = cfg.max_len or model.config.block_size
-    common.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the block_size")
+    config.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the block_size")
     train_set = [tokenize_sft(tok, msgs, max_len) for msgs in load_sft(cfg.data, cfg.skip_bad)]
     val_msgs = load_sft(cfg.val_data, cfg.skip_bad) if cfg.val_data else []
     val_set = [tokenize_sft(tok, msgs, max_len) for msgs in val_msgs]
@@ -131,11 +132,11 @@ def train(cfg: SFTConfig):
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, stages=["sft"], tokenizer=tok.name)
-        step = common.restore(ckpt, model, optimizer, d)
+        ckpt = record.load_checkpoint(ckpt_path, stages=["sft"], tokenizer=tok.name)
+        step = record.restore(ckpt, model, optimizer, d)
     raw_model = model
     model = common.wrap_ddp(torch.compile(model) if cfg.compile else model, d)
-    log = common.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
     stop = common.StopSignal(d.device)
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     if d.master:
@@ -143,7 +144,7 @@ def train(cfg: SFTConfig):
               f"examples/step | {d.world} rank(s) on {d.device}")
 
     def save():
-        common.save_stage(ckpt_path, d, "sft", raw_model, optimizer, step, cfg, tok,
+        record.save_stage(ckpt_path, d, "sft", raw_model, optimizer, step, cfg, tok,
                           parent["tokenizer_path"], cfg.init)
 
     bar = common.progress(cfg.max_steps, step, "sft", not d.master)
@@ -196,7 +197,7 @@ def train(cfg: SFTConfig):
 
 
 def main(argv=None):
-    return train(common.parse_config(SFTConfig, argv, __doc__))
+    return train(config.parse_config(SFTConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ import os
 
 import torch
 
-from nanoalign import (common, train_distill, train_dpo, train_grpo, train_ppo, train_pretrain,
-                       train_rm, train_sft)
+from nanoalign import (common, record, train_distill, train_dpo, train_grpo, train_ppo,
+                       train_pretrain, train_rm, train_sft)
+from nanoalign.model import GPT
 from nanoalign.rl import masked_whiten, rollout
 from nanoalign.tokenizer import load_tokenizer, render_chat
-from nanoalign.model import GPT
 
 GLOBAL = 8
 
@@ -93,7 +93,7 @@ def fixed_rollout_update(run, whiten: str):
     negative control. Returns the model and the first minibatch's gradients, before any step (no
     clipping: grad_clip is huge)."""
     d = common.init_dist("cpu")
-    sft_ckpt = common.load_checkpoint(ck(run, "sft"))
+    sft_ckpt = record.load_checkpoint(ck(run, "sft"))
     tok = load_tokenizer(sft_ckpt["tokenizer_path"])
     torch.manual_seed(0)
     policy = GPT.from_checkpoint(sft_ckpt).add_scalar_head("zero")

@@ -160,8 +160,8 @@ def test_documented_command_runs(where, line, words, docs_run, monkeypatch):
         cls = next(v for v in vars(module).values()
                    if dataclasses.is_dataclass(v) and isinstance(v, type)
                    and v.__module__ == module.__name__)
-        from nanoalign import common
-        common.parse_config(cls, argv)
+        from nanoalign import config
+        config.parse_config(cls, argv)
         return
     name = words[2].split(".", 1)[1]
     if name in SKIP:

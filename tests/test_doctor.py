@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from nanoalign import common, doctor
-from nanoalign.common import HealthError
+from nanoalign import doctor
+from nanoalign.record import HealthError
 from nanoalign.doctor import diagnose
 
 
@@ -68,7 +68,7 @@ def test_the_offline_doctor_names_each_signature_once_with_its_step(tmp_path, ca
 
 def test_a_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(micro_run, tmp_path,
                                                                          monkeypatch):
-    from nanoalign import train_pretrain
+    from nanoalign import record, train_pretrain
     calls, real = [0], torch.nn.functional.cross_entropy
 
     def poisoned(*args, **kwargs):  # training steps 1-4 are fine, then the loss turns NaN
@@ -84,7 +84,7 @@ def test_a_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(micro_r
             "--out_dir", str(tmp_path)]
     with pytest.raises(HealthError, match="non-finite loss"):
         train_pretrain.main(args)
-    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = record.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 4  # saved at step 4; step 5's NaN row stopped the run before any save
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    assert math.isnan(common.read_metrics(tmp_path / "metrics.jsonl")[-1]["loss"])
+    assert math.isnan(record.read_metrics(tmp_path / "metrics.jsonl")[-1]["loss"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign import common
+from nanoalign import common, record
 from nanoalign.generate import entropy_from_logits, generate, response_logprobs
 from nanoalign.model import GPT, GPTConfig, set_dropout
 from nanoalign.rl import kl_estimates, rollout
@@ -116,7 +116,7 @@ def test_sft_and_dpo_from_a_ppo_policy_run_under_ddp(micro_run, tmp_path, one_ra
     argv += ["--max_steps", "3"] if stage == "train_sft" else ["--epochs", "0.02"]
     trained = module.main(argv)
     assert trained.scalar_head is None
-    assert common.read_metrics(tmp_path / stage / "metrics.jsonl")[-1]["step"] >= 2
+    assert record.read_metrics(tmp_path / stage / "metrics.jsonl")[-1]["step"] >= 2
 
 
 # ----------------------------------------------------------------------------------- dropout
@@ -228,18 +228,18 @@ def test_rl_stage_logs_ratio_exactly_one_at_its_first_update_in_bf16(micro_run, 
                  str(micro_run / "world" / "prompts_rl.jsonl"), "--iterations", "1",
                  "--minibatches", "1", "--ppo_epochs", "1", "--max_new_tokens", "12",
                  "--dtype", "bfloat16", "--log_gold", "false", "--out_dir", str(tmp_path)] + sizes)
-    row = common.read_metrics(tmp_path / "metrics.jsonl")[0]
+    row = record.read_metrics(tmp_path / "metrics.jsonl")[0]
     assert row["ratio"] == 1.0 and row["clipfrac"] == 0.0
     assert stage == "train_grpo" or row["approxkl"] == 0.0
 
 
 def test_dpo_stage_logs_loss_log2_at_its_first_step_in_bf16(micro_run, tmp_path):
-    from nanoalign import train_dpo
+    from nanoalign import record, train_dpo
     train_dpo.main(["--init", str(micro_run / "sft" / "ckpt.pt"), "--data",
                     str(micro_run / "world" / "prefs_train.jsonl"), "--val_data", "",
                     "--batch_size", "4", "--stop_at", "1", "--dtype", "bfloat16",
                     "--out_dir", str(tmp_path / "dpo")])
-    first = common.read_metrics(tmp_path / "dpo" / "metrics.jsonl")[0]
+    first = record.read_metrics(tmp_path / "dpo" / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert first["rewards/margins"] == 0.0
 
@@ -273,7 +273,7 @@ def test_evaluate_refuses_temperature_zero(capsys):
 
 def test_online_dpo_round_of_ties_only_is_skipped_not_divided_by_zero(micro_run, tmp_path,
                                                                       monkeypatch):
-    from nanoalign import train_dpo
+    from nanoalign import record, train_dpo
     (tmp_path / "flatjudge.py").write_text("def flat(prompts, responses):\n"
                                            "    return [0.0 for _ in responses]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -282,7 +282,7 @@ def test_online_dpo_round_of_ties_only_is_skipped_not_divided_by_zero(micro_run,
                     "--online_judge", "flatjudge:flat", "--val_data", "", "--max_new_tokens", "8",
                     "--online_prompts", str(micro_run / "world" / "prompts_rl.jsonl"),
                     "--out_dir", str(tmp_path / "odpo")])
-    assert common.read_metrics(tmp_path / "odpo" / "metrics.jsonl") == []
+    assert record.read_metrics(tmp_path / "odpo" / "metrics.jsonl") == []
 
 
 # ----------------------------------------------------------------------------------- the GPU check

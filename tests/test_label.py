@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from nanoalign import common, evaluate, label, train_rm
+from nanoalign import evaluate, label, record, train_rm
 from nanoalign.data import DataError, load_prefs
 
 
@@ -59,7 +59,7 @@ def test_scripted_session_writes_preferences_and_resumes_after_an_interrupt(micr
     train_rm.main(["--init", str(micro_run / "sft" / "ckpt.pt"), "--data", str(out),
                    "--val_data", "", "--norm_data", "", "--batch_size", "2", "--epochs", "1",
                    "--out_dir", str(tmp_path / "rm")])
-    assert common.load_checkpoint(str(tmp_path / "rm" / "ckpt.pt"), stages=["rm"])
+    assert record.load_checkpoint(str(tmp_path / "rm" / "ckpt.pt"), stages=["rm"])
 
 
 def test_human_win_rates_count_models_not_positions_with_ties_half_and_skips_out(tmp_path):

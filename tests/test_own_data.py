@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from nanoalign import common, evaluate, train_dpo, train_ppo, train_rm, train_sft
+from nanoalign import evaluate, record, train_dpo, train_ppo, train_rm, train_sft
 from nanoalign.model import GPT, GPTConfig
 from test_model import fake_hf_gpt2_state_dict, write_safetensors
 from test_tokenizer import write_gpt2_files
@@ -40,7 +40,7 @@ def test_own_gpt2_and_hh_data_run_sft_rm_dpo_ppo_and_a_judgeless_evaluation(tmp_
     train_sft.main(["--init", str(gpt2), "--data", str(hh), "--val_data", "", "--max_steps", "3",
                     "--n_samples", "1", "--out_dir", str(run["sft"])] + small)
     sft_ckpt, rm_ckpt = str(run["sft"] / "ckpt.pt"), str(run["rm"] / "ckpt.pt")
-    sft = common.load_checkpoint(sft_ckpt, stages=["sft"])
+    sft = record.load_checkpoint(sft_ckpt, stages=["sft"])
     assert sft["tokenizer"].startswith("gpt2-") and sft["tokenizer_path"] == str(gpt2)
     # GPT-2's vocabulary + <|pad|>, turns and <|end|>
     assert sft["model_config"]["vocab_size"] == len(vocab) + 4
@@ -54,7 +54,7 @@ def test_own_gpt2_and_hh_data_run_sft_rm_dpo_ppo_and_a_judgeless_evaluation(tmp_
                     "--out_dir", str(run["ppo"])])
     for stage, path in run.items():
         assert (path / "ckpt.pt").exists(), stage
-    rows = common.read_metrics(str(run["ppo"] / "metrics.jsonl"))
+    rows = record.read_metrics(str(run["ppo"] / "metrics.jsonl"))
     assert ([r["iter"] for r in rows if "iter" in r] == [1, 2]
             and all(r.get("gold") is None for r in rows))
 
@@ -80,7 +80,7 @@ def test_own_gpt2_and_hh_data_run_sft_rm_dpo_ppo_and_a_judgeless_evaluation(tmp_
     assert 0 <= results["dpo"]["win_rate_vs_sft"] <= 1 and results["dpo"]["win_rate_ci"] > 0
     # SFT's implicit reward against itself is 0: every pair ties
     assert results["sft"]["pref_accuracy"] == 0.5
-    last_val = lambda stage: [r for r in common.read_metrics(str(run[stage] / "metrics.jsonl"))
+    last_val = lambda stage: [r for r in record.read_metrics(str(run[stage] / "metrics.jsonl"))
                               if "val_accuracy" in r][-1]
     dpo_val = last_val("dpo")["val_accuracy"]
     # the implicit reward DPO itself validates with

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from nanoalign import common
+from nanoalign import common, record
 from nanoalign.data import load_prefs, load_sft, tokenize_pref, tokenize_sft
 from nanoalign.generate import pad_left
 from nanoalign.rl import kl_estimates, load_reward_model, rollout, score_last_token
@@ -32,7 +32,7 @@ def world(run, name):
 
 
 def load(run, stage):
-    c = common.load_checkpoint(ckpt(run, stage))
+    c = record.load_checkpoint(ckpt(run, stage))
     return GPT.from_checkpoint(c).eval(), load_tokenizer(c["tokenizer_path"]), c
 
 
@@ -130,13 +130,13 @@ def test_ppo_no_end_penalty_and_pluggable_reward_reach_the_rollout_scores(micro_
     (tmp_path / "fivereward.py").write_text("def five(prompts, responses):\n"
                                             "    return [5.0 for _ in responses]\n")
     sys.path.insert(0, str(tmp_path))
-    from nanoalign import train_ppo
+    from nanoalign import record, train_ppo
     out = tmp_path / "ppo"
     train_ppo.main(["--init", ckpt(micro_run, "sft"), "--reward", "fivereward:five",
                     "--prompts", world(micro_run, "prompts_rl.jsonl"), "--iterations", "1",
                     "--batch_size", "4", "--minibatches", "1", "--ppo_epochs", "1",
                     "--max_new_tokens", "2", "--out_dir", str(out), "--log_gold", "false"])
-    rows = common.read_metrics(out / "metrics.jsonl")
+    rows = record.read_metrics(out / "metrics.jsonl")
     assert rows[0]["end_rate"] == 0 and rows[0]["score"] == -1.0
 
 
@@ -219,7 +219,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(micro_run, tmp_path, st
     module.main(args + ["--out_dir", str(tmp_path / "split"), "--stop_at", str(STOP_AT[stage])])
     # a crash after the checkpoint leaves rows of later steps in metrics.jsonl: the resumed run must
     # drop them
-    later = [r for r in common.read_metrics(tmp_path / "full" / "metrics.jsonl")
+    later = [r for r in record.read_metrics(tmp_path / "full" / "metrics.jsonl")
              if r.get("step", r.get("iter", 0)) > STOP_AT[stage]][:2]
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in later)
@@ -230,14 +230,14 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(micro_run, tmp_path, st
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{stage}: {k} differs after resume"
     key = "loss" if stage not in ("train_ppo", "train_grpo") else "score"
-    full = [r[key] for r in common.read_metrics(tmp_path / "full" / "metrics.jsonl") if key in r]
-    split = [r[key] for r in common.read_metrics(tmp_path / "split" / "metrics.jsonl") if key in r]
+    full = [r[key] for r in record.read_metrics(tmp_path / "full" / "metrics.jsonl") if key in r]
+    split = [r[key] for r in record.read_metrics(tmp_path / "split" / "metrics.jsonl") if key in r]
     assert full == split
 
 
 def test_wrong_kind_of_checkpoint_and_bad_config_get_clear_errors(micro_run, capsys):
-    from nanoalign import train_ppo, train_sft
-    with pytest.raises(common.CheckpointError, match="is a 'rm' checkpoint"):
+    from nanoalign import record, train_ppo, train_sft
+    with pytest.raises(record.CheckpointError, match="is a 'rm' checkpoint"):
         train_sft.main(["--init", ckpt(micro_run, "rm"),
                         "--data", world(micro_run, "sft_train.jsonl")])
     for argv, field in [(["--beta_typo", "1"], "beta_typo"), (["--batch_size", "x"], "batch_size"),
@@ -289,7 +289,7 @@ def test_sample_side_by_side_and_multi_turn_chat_keeps_each_models_conversation(
 
 
 def test_online_dpo_pairs_are_ranked_by_the_judge_and_a_round_trains(micro_run, tmp_path):
-    from nanoalign import train_dpo
+    from nanoalign import record, train_dpo
     from nanoalign.data import load_prompts
     from nanoalign.rl import prompt_text, rollout_pairs
     from nanoalign.world import gold_scores
@@ -308,7 +308,7 @@ def test_online_dpo_pairs_are_ranked_by_the_judge_and_a_round_trains(micro_run, 
                     "--reward_model", ckpt(micro_run, "rm"),
                     "--online_prompts", world(micro_run, "prompts_rl.jsonl"), "--val_data", "",
                     "--max_new_tokens", "16", "--out_dir", str(tmp_path / "odpo")])
-    rows = common.read_metrics(tmp_path / "odpo" / "metrics.jsonl")
+    rows = record.read_metrics(tmp_path / "odpo" / "metrics.jsonl")
     assert rows and all(r["phase"] == "online0" for r in rows)
     assert (tmp_path / "odpo" / "ckpt.pt").exists()
 
@@ -316,11 +316,11 @@ def test_online_dpo_pairs_are_ranked_by_the_judge_and_a_round_trains(micro_run, 
 def test_online_dpo_pairs_can_be_ranked_by_your_own_judge(micro_run, tmp_path, monkeypatch):
     """--online_judge module:function: a judge that prefers longer answers must make every chosen
     answer the longer."""
-    from nanoalign import train_dpo
+    from nanoalign import config, train_dpo
     (tmp_path / "myjudge.py").write_text("def longer(prompts, responses):\n"
                                          "    return [float(len(r)) for r in responses]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = common.parse_config(train_dpo.DPOConfig,
+    cfg = config.parse_config(train_dpo.DPOConfig,
                               ["--online_judge", "myjudge:longer", "--online_pairs", "8",
                                "--online_prompts", world(micro_run, "prompts_rl.jsonl")])
     sft, tok, _ = load(micro_run, "sft")
@@ -331,17 +331,17 @@ def test_online_dpo_pairs_can_be_ranked_by_your_own_judge(micro_run, tmp_path, m
 
 
 def test_same_seed_gives_identical_metrics_and_a_foreign_tokenizer_is_refused(micro_run, tmp_path):
-    from nanoalign import train_ppo, train_sft
+    from nanoalign import record, train_ppo, train_sft
     # tokens_per_s, iter_s, ...
     timing = lambda row: {k: v for k, v in row.items() if not k.endswith("_s")}
     for module, stage in ((train_sft, "train_sft"), (train_ppo, "train_ppo")):
         args = STAGE_ARGS[stage](micro_run)
         for run in ("a", "b"):
             module.main(args + ["--out_dir", str(tmp_path / stage / run)])
-        a, b = (common.read_metrics(tmp_path / stage / run / "metrics.jsonl") for run in ("a", "b"))
+        a, b = (record.read_metrics(tmp_path / stage / run / "metrics.jsonl") for run in ("a", "b"))
         assert [timing(r) for r in a] == [timing(r) for r in b], stage
-    with pytest.raises(common.CheckpointError, match="trained with tokenizer"):
-        common.load_checkpoint(ckpt(micro_run, "sft"), tokenizer="bpe999-other")
+    with pytest.raises(record.CheckpointError, match="trained with tokenizer"):
+        record.load_checkpoint(ckpt(micro_run, "sft"), tokenizer="bpe999-other")
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(micro_run, tmp_path):
@@ -363,10 +363,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(micro_run, tmp_pa
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0
-    saved = common.load_checkpoint(str(out / "ckpt.pt"))
-    logged = common.read_metrics(metrics)[-1]["step"]
+    saved = record.load_checkpoint(str(out / "ckpt.pt"))
+    logged = record.read_metrics(metrics)[-1]["step"]
     # the checkpoint is the last logged step: nothing lost
     assert 3 <= saved["step"] == logged < 100000
     from nanoalign import train_sft
     train_sft.main(argv[3:] + ["--max_steps", str(saved["step"] + 2), "--resume", "true"])
-    assert common.load_checkpoint(str(out / "ckpt.pt"))["step"] == saved["step"] + 2
+    assert record.load_checkpoint(str(out / "ckpt.pt"))["step"] == saved["step"] + 2
