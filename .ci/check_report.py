@@ -1,4 +1,4 @@
-"""The learning guard (DECISIONS.md): after the tests, CI runs the tiny pipeline and checks its
+"""The learning guard: after the tests, CI runs the tiny pipeline and checks its
 report.json against the acceptance thresholds. Figures only, never timings.
 Usage: python .ci/check_report.py out/tiny/report.json"""
 

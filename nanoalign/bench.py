@@ -5,7 +5,7 @@ Benchmarks: how fast each stage runs here, and how close to the machine's limit 
     python -m nanoalign.bench --peers    # the sizes of the TRL peer runs
     python -m nanoalign.bench --quick --json --only sft,rm   # micro sizes; one JSON object
 
-Each item times the stages' own functions on fresh models and random tokens (machine.py measures
+Each item times the stages' own functions on fresh models and random tokens (benchkit.py measures
 and prints). Throughputs count real (non-pad) tokens; MFU = training FLOPs per token x tokens/s /
 peak (PaLM appendix B). No response ever ends (END = -1), so every rollout generates its whole
 budget. A peer's figure may sit beside ours only if measured in the same run.
@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign import common, rl
+from nanoalign.benchkit import (END, PAD, Bench, measure, new_model, print_table, random_pairs,
+                                random_seqs, train_step)
 from nanoalign.generate import generate
-from nanoalign.machine import (END, PAD, Bench, clock, measure, new_model, print_table,
-                               random_pairs, random_seqs, train_step)
+from nanoalign.machine import clock
 from nanoalign.model import GPTConfig
 from nanoalign.train_dpo import DPOConfig, dpo_loss, policy_and_reference_logps
 from nanoalign.train_grpo import GRPOConfig, group_advantages, grpo_update
@@ -32,6 +33,7 @@ from nanoalign.train_ppo import PPOConfig, advantages_and_returns, ppo_update
 from nanoalign.train_pretrain import PretrainConfig
 from nanoalign.train_rm import RMConfig, bt_loss
 from nanoalign.train_sft import SFTConfig, collate, sft_loss
+
 
 @dataclass
 class BenchConfig:
@@ -71,7 +73,7 @@ QUICK = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, seq_len=32, batch_si
              repeats=2, slow_repeats=1, peak_n=256)
 
 
-def bench_pretrain(b: Bench, key, model, batch: int, T: int, dtype: str, compile=False, note=""):
+def bench_pretrain(b: Bench, key, model, batch: int, T: int, dtype: str, compile=False):
     """train_pretrain's step: next-token cross-entropy under autocast, AdamW, clipping."""
     pc = PretrainConfig
     optimizer = common.make_optimizer(model, pc.lr, pc.weight_decay)
@@ -84,7 +86,7 @@ def bench_pretrain(b: Bench, key, model, batch: int, T: int, dtype: str, compile
             loss = F.cross_entropy(logits.flatten(0, 1), xy[:, 1:].flatten())  # (B*T, V), (B*T,)
         train_step(model, optimizer, loss, pc.grad_clip)
     slow = dtype != "float32" and not b.device.startswith("cuda")  # machine.NATIVE_BF16
-    b.item(key, step, batch * T, "tok/s", slow, batch * T, model.flops_per_token(T), note)
+    b.item(key, step, batch * T, "tok/s", slow, batch * T, model.flops_per_token(T))
     if compile:  # the warm-up calls compile: say how long that took
         b.rows[-1]["note"] = f"warm-up with compile {b.rows[-1]['warmup_s']:.0f} s"
 

@@ -33,7 +33,8 @@ def diagnose(rows: list[dict]) -> list[tuple[str, str]]:
     before it, shows."""
     row, found = rows[-1], []
     number = lambda key: row[key] if isinstance(row.get(key), float) else None
-    if number("loss") is not None and not math.isfinite(row["loss"]):
+    losses = [v for k, v in row.items() if k.endswith("loss") and isinstance(v, float)]
+    if not all(math.isfinite(v) for v in losses):
         found.append(("non-finite loss", "the loss is NaN or inf: the learning rate is too "
                       "high. The checkpoint on disk is from before it. Lower --lr, or use "
                       "float32."))

@@ -34,12 +34,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record, world
-from nanoalign.data import (DataError, concatenated_batch, load_prefs, load_prompts,
+from nanoalign.data import (DataError, load_prefs, load_prompts,
                             load_verifiable, read_jsonl, tokenize_pref)
-from nanoalign.generate import generate, response_logprobs, sequence_logps
+from nanoalign.generate import generate, response_logprobs
 from nanoalign.model import GPT
-from nanoalign.rl import (load_reward_model, pair_rewards, prompt_text, response_texts,
-                          score_last_token)
+from nanoalign.rl import (concatenated_logps, load_reward_model, pair_rewards, prompt_text,
+                          response_texts, score_last_token)
 from nanoalign.tokenizer import load_tokenizer, render_chat
 
 
@@ -210,13 +210,9 @@ def agreement_by_kind(records, rm_chosen, rm_rejected) -> dict:
 
 @torch.no_grad()
 def pair_logps(model, pairs, pad_id, device, chunk=50) -> torch.Tensor:
-    """sum_t log pi(y_t | x, y_<t) over the chosen and the rejected response of each pair: (n, 2).
-    data.concatenated_batch puts a chunk's chosen above its rejected, right-padded: no mask."""
-    out = []
-    for i in range(0, len(pairs), chunk):
-        tokens, labels, _ = concatenated_batch(pairs[i:i + chunk], pad_id, device)
-        out.append(sequence_logps(model(tokens), labels).view(2, -1).T)  # (2 chunk,) -> (chunk, 2)
-    return torch.cat(out)
+    """sum_t log pi(y_t | x, y_<t) over each pair's chosen and rejected response: (n, 2)."""
+    return torch.cat([torch.stack(concatenated_logps(model, pairs[i:i + chunk], pad_id, device), 1)
+                      for i in range(0, len(pairs), chunk)])
 
 
 @torch.no_grad()

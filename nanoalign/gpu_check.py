@@ -90,7 +90,7 @@ def ddp_summary(out: str, n_ranks: int, stages: str) -> dict:
     paths = [os.path.join(out, f"ddp_rank{r}.json") for r in range(n_ranks)]
     if not all(os.path.exists(p) for p in paths):
         return {"ranks_agree": False}
-    ranks = [json.load(open(p)) for p in paths]
+    ranks = [record.read_json(p) for p in paths]
     names = stages.split(",")
     rows = {s: ranks[0][f"{s}_rows"] for s in names}
     return {"backend": ranks[0]["backend"], "ranks": n_ranks, "rows_logged": rows,
@@ -182,7 +182,7 @@ def main(argv=None):
         "--device", device, "--dtype", "bfloat16", "--rerun", "all"], out)
     report_path = os.path.join(micro_dir, "report.json")
     if os.path.exists(report_path):
-        report = json.load(open(report_path))
+        report = record.read_json(report_path)
         keys = ("gold_score", "win_rate_vs_sft", "kl_to_sft", "end_rate")
         parts["pipeline"]["figures"] = {"total_seconds": report.get("total_seconds"), "stages": {
             name: {k: m.get(k) for k in keys} for name, m in report.get("stages", {}).items()}}
@@ -197,7 +197,7 @@ def main(argv=None):
     # 4. speed: every item measured, none failed
     speed = run_part("speed", python + worker + ["--worker", "speed"], out)
     if os.path.exists(os.path.join(out, "speed.json")):
-        speed["figures"] = json.load(open(os.path.join(out, "speed.json")))
+        speed["figures"] = record.read_json(os.path.join(out, "speed.json"))
         speed["ok"] = speed["ok"] and not speed["figures"]["errors"]
     parts["speed"] = speed
     save()

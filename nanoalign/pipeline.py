@@ -166,7 +166,7 @@ def roots(cfg: PipelineConfig, world_dir: str) -> dict:
 
 def world_id(world_dir: str) -> str:
     """Seed, scale and world.py hash of the world: a stage trained on another is never reused."""
-    w = json.load(open(os.path.join(world_dir, "world.json")))
+    w = record.read_json(os.path.join(world_dir, "world.json"))
     return f"{w.get('seed')}:{w.get('scale')}:{w.get('world_hash')}"
 
 
@@ -195,7 +195,7 @@ def run_stage(name, module, args: dict, force: bool, path_roots: dict | None = N
         stamp["inputs"] = inputs
     done_path, ckpt = (os.path.join(args["out_dir"], f) for f in ("done.json", "ckpt.pt"))
     if os.path.exists(done_path) and os.path.exists(ckpt) and not force:
-        done = json.load(open(done_path))
+        done = record.read_json(done_path)
         if {k: done.get(k) for k in stamp} == stamp:
             print(f"[pipeline] {name}: done (config, parent and world unchanged), skipping")
             return done["wall_seconds"]
@@ -228,7 +228,7 @@ def run_seeds(cfg: PipelineConfig) -> dict:
         out = cfg.out if k == 0 else f"{cfg.out}_seed{cfg.seed + k}"
         print(f"[pipeline] seed {cfg.seed + k} of {cfg.seeds} -> {out}")
         run(dataclasses.replace(cfg, seed=cfg.seed + k, out=out, seeds=1))
-        reports.append(json.load(open(os.path.join(out, "report.json"))))
+        reports.append(record.read_json(os.path.join(out, "report.json")))
     summary = report.summarise_seeds(reports, [cfg.seed + k for k in range(cfg.seeds)])
     with open(os.path.join(cfg.out, "seeds.json"), "w") as f:
         json.dump(summary, f, indent=1)

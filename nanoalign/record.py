@@ -71,10 +71,16 @@ class MetricsLog:
         if self.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        loss = metrics.get("loss")
-        if isinstance(loss, float) and not math.isfinite(loss):  # every rank: the rows are reduced
+        # every rank checks (the rows are reduced); PPO logs pg_loss and vf_loss
+        losses = [v for k, v in metrics.items() if k.endswith("loss") and isinstance(v, float)]
+        if not all(math.isfinite(v) for v in losses):
             raise HealthError(f"non-finite loss at {metrics}: stopped; the checkpoint on disk is "
                               "from before it. Lower --lr, or use float32.")
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -61,7 +61,7 @@ def write_report(run_dir, world_dir, preset, eval_overrides, wall, t_start, devi
         stages["distill"] |= {f"{who}_params": n for who, n in (ck.get("params") or {}).items()}
         stages["distill"] |= {f"{who}_new_tokens_per_s": v for who, v in speed.items()}
     world_json = os.path.join(world_dir, "world.json")
-    world_stats = json.load(open(world_json)) if os.path.exists(world_json) else {}
+    world_stats = record.read_json(world_json) if os.path.exists(world_json) else {}
     # the last evaluation row of pretraining: its validation loss and the world's entropy floor
     pre = os.path.join(run_dir, "pretrain", "metrics.jsonl")
     evals = [r for r in record.read_metrics(pre) if "val_loss" in r] if os.path.exists(pre) else []

@@ -14,7 +14,8 @@ import torch
 
 from nanoalign.common import all_reduce_sum, autocast
 from nanoalign.data import concatenated_batch
-from nanoalign.generate import entropy_from_logits, generate, last_true, response_logprobs, upcast
+from nanoalign.generate import (entropy_from_logits, generate, last_true, response_logprobs,
+                                sequence_logps)
 from nanoalign.model import GPT
 from nanoalign.record import load_checkpoint
 from nanoalign.tokenizer import render_chat
@@ -67,7 +68,7 @@ def kl_estimates(logp, ref_logp):
     return k1, k2, k3
 
 
-# ----------------------------------------------------------------------------------- reward model
+# ----------------------------------------------------------------------------------- pairs
 
 def pair_rewards(model, pairs, pad_id, device, offset: float = 0.0):
     """The scalar head read at the last real token (the <|end|>) of each pair's chosen and rejected
@@ -79,13 +80,21 @@ def pair_rewards(model, pairs, pad_id, device, offset: float = 0.0):
     return rewards[:len(pairs)], rewards[len(pairs):]
 
 
+def concatenated_logps(model, pairs, pad_id, device):
+    """(chosen (B,), rejected (B,)) sequence log-probs of a batch of pairs, in one forward of the 2B
+    right-padded rows (the DPO reference's "concatenated forward"): DPO's and the evaluation's."""
+    tokens, labels, _ = concatenated_batch(pairs, pad_id, device)
+    logps = sequence_logps(model(tokens), labels)  # (2B,)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
 @torch.no_grad()
 def score_last_token(reward_model, tokens, pad_mask, offset: float = 0.0):
     """The reward model's scalar at each row's last real token (the <|end|>, or the last token if
     it never ended), minus the normalisation offset. Padding, left or right, is never read.
     (B, T) -> (B,)"""
-    scores = reward_model(tokens, pad_mask=pad_mask, output="scalar")  # (B, T)
-    return upcast(scores.gather(1, last_true(pad_mask)[:, None]).squeeze(1)) - offset
+    scores = reward_model(tokens, pad_mask=pad_mask, output="scalar")  # (B, T), fp32
+    return scores.gather(1, last_true(pad_mask)[:, None]).squeeze(1) - offset
 
 
 def load_reward_model(path: str, device="cpu"):

@@ -99,11 +99,13 @@ def new_tokens_per_s(model, prompts, tok, max_new_tokens, device) -> float:
 
 
 def new_student(cfg: DistillConfig, teacher, tok, device) -> GPT:
+    """A fresh student of --n_layer/--n_head/--n_embd, or a smaller pretrained checkpoint. It must
+    share the teacher's tokenizer: the KL compares the two next-token distributions entry by
+    entry, so both vocabularies must be the same tokens in the same order."""
     if cfg.init == "scratch":
         c = teacher.config
         sizes = GPTConfig(c.block_size, c.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd)
         return GPT(sizes).to(device)
-    # the same tokenizer, so the two vocabularies (and distributions) line up token for token
     ckpt = record.load_checkpoint(cfg.init, stages=["pretrain", "sft"], tokenizer=tok.name)
     return GPT.from_checkpoint(ckpt, device)
 
@@ -125,6 +127,7 @@ def train(cfg: DistillConfig):
                  "max_new_tokens", f"the longest prompt + {cfg.max_new_tokens} new tokens > "
                  f"block_size {student.config.block_size}")
     optimizer = common.make_optimizer(student, cfg.lr, 0.0)
+    # each rank samples its own stream: the ranks' answers must differ
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
@@ -132,7 +135,7 @@ def train(cfg: DistillConfig):
         step = record.restore(ckpt, student, optimizer, d)
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
     raw_student, student = student, common.wrap_ddp(student, d)
-    log = record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, resume_step=step if cfg.resume else None)
     stop = common.StopSignal(d.device)
     sizes = {"teacher": teacher.num_params(), "student": raw_student.num_params()}
     if d.master:

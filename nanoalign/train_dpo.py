@@ -35,10 +35,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record
-from nanoalign.data import concatenated_batch, load_prefs, load_prompts, tokenize_pref
-from nanoalign.generate import sequence_logps
+from nanoalign.data import load_prefs, load_prompts, tokenize_pref
 from nanoalign.model import GPT, set_dropout
-from nanoalign.rl import load_reward_model, mean_stats, reward_function, rollout_pairs
+from nanoalign.rl import (concatenated_logps, load_reward_model, mean_stats, reward_function,
+                          rollout_pairs)
 from nanoalign.tokenizer import load_tokenizer
 
 
@@ -104,13 +104,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, chosen_rewards, rejected_rewards
 
 
-def concatenated_logps(model, pairs, pad_id, device):
-    """(chosen, rejected) sequence log-probs of a batch of pairs, in one forward of 2B rows."""
-    tokens, labels, _ = concatenated_batch(pairs, pad_id, device)
-    logps = sequence_logps(model(tokens), labels)  # (2B,); right-padded: no attention mask needed
-    return logps[:len(pairs)], logps[len(pairs):]
-
-
 def policy_and_reference_logps(policy, ref, pairs, pad_id, device, dtype):
     """The four sequence log-probs of the DPO loss. The reference reads the very same batch tensors
     under the same autocast as the policy (without gradients): at initialisation h is then exactly
@@ -128,8 +121,8 @@ class Run:
     cfg: DPOConfig
     d: common.Dist
     tok: object
-    policy: torch.nn.Module  # trained (DDP-wrapped under torchrun)
-    raw_policy: torch.nn.Module  # the plain module: what is saved, sampled and validated
+    ddp_policy: torch.nn.Module  # what trains: the policy, DDP-wrapped under torchrun
+    policy: torch.nn.Module  # the plain module: what is saved, sampled and validated
     ref: torch.nn.Module  # frozen
     optimizer: torch.optim.Optimizer
     log: record.MetricsLog
@@ -141,7 +134,7 @@ class Run:
 
 
 def save(run: Run):
-    record.save_stage(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.d, "dpo", run.raw_policy,
+    record.save_stage(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.d, "dpo", run.policy,
                       run.optimizer, run.step, run.cfg, run.tok, run.tokenizer_path, run.cfg.init)
 
 
@@ -149,7 +142,7 @@ def save(run: Run):
 def validate(run: Run, chunk: int = 64) -> dict:
     """Held-out preference accuracy and mean margin of the implicit reward. The reference's
     log-probs of each chunk are computed once (the same chunks every time)."""
-    model, pad_id, device = run.raw_policy, run.tok.pad_id, run.d.device
+    model, pad_id, device = run.policy, run.tok.pad_id, run.d.device
     model.eval()
     margins = []
     for i in range(0, len(run.val_set), chunk):
@@ -172,8 +165,8 @@ def dpo_step(run: Run, micro_batches: list[list]) -> dict:
     micro_stats = []
     for micro, batch in enumerate(micro_batches):
         sync = micro == len(micro_batches) - 1
-        with common.no_sync_unless(run.policy, d, sync):
-            logps = policy_and_reference_logps(run.policy, run.ref, batch, run.tok.pad_id,
+        with common.no_sync_unless(run.ddp_policy, d, sync):
+            logps = policy_and_reference_logps(run.ddp_policy, run.ref, batch, run.tok.pad_id,
                                                d.device, cfg.dtype)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 *logps, cfg.beta, cfg.label_smoothing, cfg.ipo, cfg.reference_free)
@@ -186,15 +179,16 @@ def dpo_step(run: Run, micro_batches: list[list]) -> dict:
                             "rewards/accuracies": wins.mean(),
                             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
                             "logps/chosen": chosen.mean(), "logps/rejected": rejected.mean()})
-    common.optimizer_step(run.policy, run.optimizer, cfg.grad_clip)
+    common.optimizer_step(run.ddp_policy, run.optimizer, cfg.grad_clip)
     return common.all_reduce_mean(mean_stats(micro_stats), d)
 
 
 def train_pass(run: Run, pairs: list, phase: str, first: int, n_steps: int, seed: int,
-               local: bool) -> bool:
-    """Steps first .. first + n_steps - 1 of the DPO loss over `pairs`. The offline pass slices one
-    global batch across ranks (so 2 ranks = 1 process); in online rounds each rank trains on the
-    pairs it sampled itself (local). Returns whether the pass ran to its end."""
+               layout: common.Dist) -> bool:
+    """Steps first .. first + n_steps - 1 of the DPO loss over `pairs`. `layout` spreads a step's
+    batch: over every rank (offline: one global batch, so 2 ranks = 1 process), or over this rank
+    alone (online, common.Dist(): each rank trains on the pairs it sampled itself).
+    Returns whether the pass ran to its end."""
     cfg, d = run.cfg, run.d
     per_rank = cfg.batch_size * cfg.grad_accum
     global_batch = per_rank * d.world
@@ -203,9 +197,7 @@ def train_pass(run: Run, pairs: list, phase: str, first: int, n_steps: int, seed
     while run.step < min(first + n_steps, last):
         lr = common.lr_at(run.step - first, n_steps, cfg.lr, cfg.warmup, schedule="linear")
         common.set_lr(run.optimizer, lr)
-        idx = common.batch_indices(len(pairs), run.step - first,
-                                   per_rank if local else global_batch, seed)
-        layout = common.Dist() if local else d  # online, each rank's batch is its own
+        idx = common.batch_indices(len(pairs), run.step - first, per_rank * layout.world, seed)
         micro_rows = [common.rank_rows(idx, m, layout, cfg.batch_size)
                       for m in range(cfg.grad_accum)]
         stats = dpo_step(run, [[pairs[i] for i in rows] for rows in micro_rows])
@@ -226,6 +218,10 @@ def train_pass(run: Run, pairs: list, phase: str, first: int, n_steps: int, seed
             break
     bar.close()
     return run.step == first + n_steps
+
+
+def load_pairs(path, tok, max_len, skip_bad):
+    return [tokenize_pref(tok, ex, max_len) for ex in load_prefs(path, skip_bad)]
 
 
 def online_pairs(cfg, d, tok, policy, rnd, max_len):
@@ -253,23 +249,23 @@ def train(cfg: DPOConfig):
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     max_len = cfg.max_len or policy.config.block_size
     config.check(max_len <= policy.config.block_size, "max_len", f"{max_len} > the block_size")
-    load = lambda path: [tokenize_pref(tok, ex, max_len) for ex in load_prefs(path, cfg.skip_bad)]
-    train_set = load(cfg.data) if cfg.epochs else []
+    train_set = load_pairs(cfg.data, tok, max_len, cfg.skip_bad) if cfg.epochs else []
     optimizer = common.make_optimizer(policy, cfg.lr, 0.0)
     step = 0
     if cfg.resume:  # the offline pass continues from the saved step (online rounds restart)
         ckpt = record.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), stages=["dpo"],
                                       tokenizer=tok.name)
         step = record.restore(ckpt, policy, optimizer, d)
-    run = Run(cfg, d, tok, common.wrap_ddp(policy, d), policy, ref, optimizer,
-              record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None),
-              common.StopSignal(d.device), parent["tokenizer_path"],
-              load(cfg.val_data) if cfg.val_data else [], step)
+    val_set = load_pairs(cfg.val_data, tok, max_len, cfg.skip_bad) if cfg.val_data else []
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, resume_step=step if cfg.resume else None)
+    run = Run(cfg=cfg, d=d, tok=tok, ddp_policy=common.wrap_ddp(policy, d), policy=policy,
+              ref=ref, optimizer=optimizer, log=log, stop=common.StopSignal(d.device),
+              tokenizer_path=parent["tokenizer_path"], val_set=val_set, step=step)
     # 1. the offline pass: --epochs over the preference pairs
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     offline_steps = int(cfg.epochs * len(train_set) / global_batch) if train_set else 0
     finished = not offline_steps or train_pass(run, train_set, "offline", 0, offline_steps,
-                                               cfg.seed, local=False)
+                                               cfg.seed, layout=d)
     # 2. online rounds: fresh pairs from the current policy, labelled by the judge
     for rnd in range(cfg.online_rounds if finished else 0):
         pairs = online_pairs(cfg, d, tok, policy, rnd, max_len)
@@ -285,7 +281,7 @@ def train(cfg: DPOConfig):
                 print(f"online round {rnd}: a rank has no pairs (each was a tie): round skipped")
             continue
         if not train_pass(run, pairs, f"online{rnd}", run.step, n_steps, cfg.seed + 1 + rnd,
-                          local=True):
+                          layout=common.Dist()):
             break
     save(run)
     common.cleanup_dist()

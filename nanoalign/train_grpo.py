@@ -193,6 +193,7 @@ def train(cfg: GRPOConfig):
                  "max_new_tokens", f"the longest prompt + {cfg.max_new_tokens} new tokens > "
                  f"block_size {policy.config.block_size}")
     optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5)
+    # each rank samples its own stream: the ranks' rollouts must differ
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)
     it, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
@@ -200,7 +201,7 @@ def train(cfg: GRPOConfig):
         it = record.restore(ckpt, policy, optimizer, d)
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
     raw_policy, policy = policy, common.wrap_ddp(policy, d)
-    log = record.MetricsLog(cfg.out_dir, cfg, d.master, it if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, resume_step=it if cfg.resume else None)
     stop = common.StopSignal(d.device)
 
     def save():
@@ -231,8 +232,9 @@ def train(cfg: GRPOConfig):
                                       cfg.scale_by_std).view(-1)  # (n_prompts * G,)
         # groups whose task rewards are all equal say nothing (only the KL term differs)
         equal = scores.view(n_prompts, G).std(1) == 0  # (n_prompts,)
-        keep = ~equal.repeat_interleave(G) if cfg.drop_equal_groups else torch.ones_like(
-            scores, dtype=torch.bool)
+        keep = torch.ones_like(scores, dtype=torch.bool)  # (n_prompts * G,)
+        if cfg.drop_equal_groups:
+            keep = ~equal.repeat_interleave(G)
         # 3. clipped updates over minibatches of whole groups
         updates, lr = grpo_update(policy, optimizer, ro, advantages, keep, cfg, it, d)
         it += 1

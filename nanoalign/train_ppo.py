@@ -188,10 +188,10 @@ def ppo_update(policy, optimizer, ro, advantages, returns, cfg: PPOConfig, it: i
             with common.autocast(d.device, cfg.dtype):
                 logits, values = policy(ro.tokens[mb], pad_mask=ro.pad_mask[mb], output="both")
             new_logprobs = response_logprobs(logits, ro.tokens[mb], ro.P, cfg.temperature)
-            loss, pg_loss, vf_loss, s = ppo_loss(new_logprobs, ro.logprobs[mb], advantages[mb],
-                                                 values[:, ro.P - 1:-1], ro.values[mb],
-                                                 returns[mb], m, n_tokens, cfg.cliprange,
-                                                 cfg.cliprange_value, cfg.vf_coef)
+            loss, pg_loss, vf_loss, s = ppo_loss(
+                new_logprobs, ro.logprobs[mb], advantages[mb], values[:, ro.P - 1:-1],
+                ro.values[mb], returns[mb], m, n_tokens=n_tokens, cliprange=cfg.cliprange,
+                cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef)
             entropy = policy_entropy(logits[:, ro.P - 1:-1], cfg.temperature, cfg.ent_coef > 0)
             if cfg.ent_coef > 0:  # a bonus, normalised as the loss is: by the global token count
                 loss = loss - cfg.ent_coef * masked_sum(entropy, m) / n_tokens
@@ -233,6 +233,7 @@ def train(cfg: PPOConfig):
                  "max_new_tokens", f"the longest prompt + {cfg.max_new_tokens} new tokens > "
                  f"block_size {policy.config.block_size}")
     optimizer = common.make_optimizer(policy, cfg.lr, 0.0, eps=1e-5)  # eps 1e-5, as the references
+    # each rank samples its own stream: the ranks' rollouts must differ
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 100003 + d.rank)
     it, kl_coef, ckpt_path = 0, cfg.kl_coef, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
@@ -240,7 +241,7 @@ def train(cfg: PPOConfig):
         it, kl_coef = record.restore(ckpt, policy, optimizer, d), ckpt["kl_coef"]
         generator.set_state(ckpt["generators"][min(d.rank, len(ckpt["generators"]) - 1)])
     raw_policy, policy = policy, common.wrap_ddp(policy, d)
-    log = record.MetricsLog(cfg.out_dir, cfg, d.master, it if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, resume_step=it if cfg.resume else None)
     stop = common.StopSignal(d.device)
 
     def save():
@@ -260,8 +261,7 @@ def train(cfg: PPOConfig):
                      dtype=cfg.dtype, minibatch=cfg.batch_size // cfg.minibatches)
         batch_prompts = [prompts[i] for i in batch]
         scores = score_fn(batch_prompts, ro)
-        penalty = torch.full_like(scores, cfg.no_end_penalty)
-        scores = torch.where(ro.ended, scores, penalty)  # the EOS trick
+        scores = torch.where(ro.ended, scores, cfg.no_end_penalty)  # the EOS trick
         t_rollout = time.time() - t0
         # 2. rewards and advantages
         advantages, returns, kl = advantages_and_returns(ro, scores, kl_coef, cfg)

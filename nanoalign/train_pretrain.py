@@ -137,16 +137,21 @@ def estimate_loss(model, data, cfg, d):
     return float(np.mean(losses))
 
 
-def reference_losses(val_data: np.ndarray, n_vocab: int, nll_path: str) -> dict:
+def reference_losses(val_data: np.ndarray, tok, nll_path: str) -> dict:
     """Two lines for the loss curve. The unigram entropy: the loss of a model that ignores context,
     which learning must go far below. The entropy floor: the true generator's -log p of the
-    validation text per token (its documents' <|endoftext|> included), the best any model can do."""
-    counts = np.bincount(np.asarray(val_data), minlength=n_vocab).astype(np.float64)
+    validation text per token (its documents' <|endoftext|> included), the best any model can do;
+    nll_path holds one -log p per document of the validation text."""
+    counts = np.bincount(np.asarray(val_data), minlength=tok.n_vocab).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     lines = {"unigram_entropy": float(-(p * np.log(p)).sum()), "entropy_floor": None}
     if nll_path and os.path.exists(nll_path):
         with open(nll_path) as f:
-            lines["entropy_floor"] = sum(json.load(f)) / len(val_data)
+            nll = json.load(f)
+        n_docs = int((np.asarray(val_data) == tok.eot_id).sum())  # one <|endoftext|> per document
+        config.check(len(nll) == n_docs, "val_nll", f"{nll_path} holds {len(nll)} log-probs for "
+                     f"{n_docs} validation documents: pass the file of this --val_data, or ''")
+        lines["entropy_floor"] = sum(nll) / len(val_data)
     return lines
 
 
@@ -169,7 +174,7 @@ def train(cfg: PretrainConfig):
     val_data = tokenize_file(cfg.val_data, tok) if cfg.val_data else data[int(0.95 * len(data)):]
     if not cfg.val_data:
         data = data[:int(0.95 * len(data))]
-    lines = reference_losses(val_data, tok.n_vocab, cfg.val_data and cfg.val_nll)
+    lines = reference_losses(val_data, tok, cfg.val_data and cfg.val_nll)
     model = common.with_precision(new_model(cfg, tok).to(d.device), cfg.dtype)
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
@@ -178,7 +183,7 @@ def train(cfg: PretrainConfig):
         step = record.restore(ckpt, model, optimizer, d)
     raw_model = model
     model = common.wrap_ddp(torch.compile(model) if cfg.compile else model, d)
-    log = record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, resume_step=step if cfg.resume else None)
     stop = common.StopSignal(d.device)
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     tokens_per_step = global_batch * cfg.block_size

@@ -145,7 +145,7 @@ def train(cfg: RMConfig):
         ckpt = record.load_checkpoint(ckpt_path, stages=["rm"], tokenizer=tok.name)
         step = record.restore(ckpt, model, optimizer, d)
     raw_model, model = model, common.wrap_ddp(model, d)
-    log = record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, resume_step=step if cfg.resume else None)
     stop = common.StopSignal(d.device)
     if d.master:
         print(f"reward model on {len(train_set):,} pairs ({len(val_set):,} val) | {max_steps} "

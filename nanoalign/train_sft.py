@@ -136,7 +136,7 @@ def train(cfg: SFTConfig):
         step = record.restore(ckpt, model, optimizer, d)
     raw_model = model
     model = common.wrap_ddp(torch.compile(model) if cfg.compile else model, d)
-    log = record.MetricsLog(cfg.out_dir, cfg, d.master, step if cfg.resume else None)
+    log = record.MetricsLog(cfg.out_dir, cfg, d.master, resume_step=step if cfg.resume else None)
     stop = common.StopSignal(d.device)
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     if d.master:
@@ -151,16 +151,16 @@ def train(cfg: SFTConfig):
     t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else cfg.max_steps
     while step < min(cfg.max_steps, last):
         # 1. the global batch; N counts its trained tokens (every rank sees all the batch's ids)
-        common.set_lr(optimizer, common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup,
-                                               cfg.min_lr_frac))
+        lr = common.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_frac)
+        common.set_lr(optimizer, lr)
         indices = common.batch_indices(len(train_set), step, global_batch, cfg.seed)
         rows = [train_set[i] for i in indices]
         n_tokens = max(1, sum(n_trained(ex) for ex in rows))
         # 2. this rank's micro-batches; the gradient all-reduce waits for the last one
         loss_sum = torch.zeros((), device=d.device)  # a tensor: no host sync per micro-batch
         for micro in range(cfg.grad_accum):
-            rank_rows = common.rank_rows(rows, micro, d, cfg.batch_size)
-            tokens, labels = collate(rank_rows, tok.pad_id, d.device)
+            examples = common.rank_rows(rows, micro, d, cfg.batch_size)
+            tokens, labels = collate(examples, tok.pad_id, d.device)
             sync = micro == cfg.grad_accum - 1
             with common.no_sync_unless(model, d, sync), common.autocast(d.device, cfg.dtype):
                 # x world: DDP averages the ranks' gradients; each rank's share of the global
@@ -176,8 +176,7 @@ def train(cfg: SFTConfig):
         dt, t0 = time.time() - t0, time.time()
         bar.update(1)
         bar.set_postfix(loss=f"{loss_all:.3f}")
-        row = dict(step=step, loss=loss_all, lr=optimizer.param_groups[0]["lr"],
-                   tokens_per_s=n_tokens / dt)
+        row = dict(step=step, loss=loss_all, lr=lr, tokens_per_s=n_tokens / dt)
         evaluate = step % cfg.eval_interval == 0 or step == cfg.max_steps
         if evaluate and val_set:
             row["val_loss"] = validation_loss(raw_model, val_set, tok.pad_id, d.device,

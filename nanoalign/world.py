@@ -351,24 +351,15 @@ def entropy_floor(texts_with_logps, tok) -> float:
 
 
 def entropy_floor_nats_per_token(world_dir: str, tok) -> float:
-    """The floor of pretrain_val.txt under `tok`; also recorded in world.json (evaluate.py reads
-    it from there)."""
+    """The floor of pretrain_val.txt under `tok` (the pretraining stage logs the same from
+    pretrain_val_logp.json, without knowing the world)."""
     with open(os.path.join(world_dir, "pretrain_val.txt"), encoding="utf-8") as f:
         docs = f.read().split("\n\n")
     with open(os.path.join(world_dir, "pretrain_val_logp.json")) as f:
         nll = json.load(f)
     assert len(docs) == len(nll), \
         f"{world_dir}: {len(docs)} validation documents but {len(nll)} log-probabilities"
-    floor = entropy_floor([(d, -x) for d, x in zip(docs, nll)], tok)
-    path = os.path.join(world_dir, "world.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            stats = json.load(f)
-        stats.update(entropy_floor_nats_per_token=floor,
-                     entropy_floor_tokenizer=getattr(tok, "name", "?"))
-        with open(path, "w") as f:
-            json.dump(stats, f, indent=1)
-    return floor
+    return entropy_floor([(d, -x) for d, x in zip(docs, nll)], tok)
 
 
 # ------------------------------------------------------------ the gold judge

@@ -1,5 +1,5 @@
 """Smoke test of the benchmark on micro sizes. Timings are never asserted: they depend on the
-machine (GUIDE.md 4)."""
+machine."""
 
 import json
 import math

@@ -26,6 +26,7 @@ def ppo_rows(n, score, gold, kl=5.0, entropy=0.5, end_rate=1.0):
 def test_each_signature_fires_on_its_failing_case():
     assert names([{"step": 1, "loss": float("nan")}]) == {"non-finite loss"}
     assert names([{"step": 1, "loss": float("inf")}]) == {"non-finite loss"}
+    assert names([{"iter": 1, "pg_loss": 0.1, "vf_loss": float("nan")}]) == {"non-finite loss"}
     assert "negative KL" in names(ppo_rows(1, lambda i: 0.0, lambda i: 0.0, kl=-3.0))
     assert "exploding KL" in names(ppo_rows(1, lambda i: 0.0, lambda i: 0.0, kl=120.0))
     assert "entropy collapse" in names(ppo_rows(1, lambda i: 0.0, lambda i: 0.0, entropy=0.01))
@@ -88,3 +89,18 @@ def test_a_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(micro_r
     assert ckpt["step"] == 4  # saved at step 4; step 5's NaN row stopped the run before any save
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert math.isnan(record.read_metrics(tmp_path / "metrics.jsonl")[-1]["loss"])
+
+
+def test_the_log_stops_on_any_non_finite_loss_ppo_s_included(tmp_path):
+    from dataclasses import dataclass
+
+    from nanoalign.record import MetricsLog
+
+    @dataclass
+    class Config:
+        lr: float = 1e-3
+
+    log = MetricsLog(str(tmp_path), Config())
+    log.log(iter=1, pg_loss=0.1, vf_loss=0.2)
+    with pytest.raises(HealthError, match="non-finite loss"):
+        log.log(iter=2, pg_loss=0.1, vf_loss=float("nan"))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign import evaluate, record, train_dpo, train_rm
+from nanoalign import evaluate, record, train_rm
 from nanoalign.data import load_prefs, tokenize_pref
-from nanoalign.rl import load_reward_model
+from nanoalign.rl import concatenated_logps, load_reward_model
 from nanoalign.tokenizer import load_tokenizer
 from nanoalign.model import GPT
 
@@ -60,7 +60,7 @@ def test_pair_logps_are_the_dpo_stages_sequence_logps(micro_run):
              for r in load_prefs(str(micro_run / "world" / "prefs_val.jsonl"))[:7]]
     ours = evaluate.pair_logps(model, pairs, tok.pad_id, "cpu")
     with torch.no_grad():
-        chosen, rejected = train_dpo.concatenated_logps(model, pairs, tok.pad_id, "cpu")
+        chosen, rejected = concatenated_logps(model, pairs, tok.pad_id, "cpu")
     assert torch.allclose(ours, torch.stack([chosen, rejected], 1), atol=1e-4)
 
 

@@ -293,7 +293,7 @@ def test_make_optimizer_is_adamw_with_decay_on_matrices_only():
 
 
 def test_ppo_returns_are_raw_reward_to_go_computed_before_advantage_whitening():
-    """DECISIONS: returns = raw advantages + values, taken before whitening. With gamma = lambda = 1
+    """Returns = raw advantages + values, taken before whitening. With gamma = lambda = 1
     they are the reward-to-go of the per-token rewards whatever the values; the advantages are
     whitened over the valid tokens (mean 0, std 1)."""
     from types import SimpleNamespace

@@ -76,6 +76,7 @@ def test_right_padded_batch_needs_no_attention_mask():
     tokens, mask = tokens.flip(1), mask.flip(1)
     assert not torch.allclose(forward_and_grads(mask)[0], forward_and_grads(None)[0], atol=1e-3)
 
+
 def test_heavily_left_padded_batch_has_finite_logits_and_gradients():
     m = tiny_model()
     m.train()

@@ -14,9 +14,9 @@ import torch
 from nanoalign import common, record
 from nanoalign.data import load_prefs, load_sft, tokenize_pref, tokenize_sft
 from nanoalign.generate import pad_left
-from nanoalign.rl import kl_estimates, load_reward_model, rollout, score_last_token
+from nanoalign.rl import (concatenated_logps, kl_estimates, load_reward_model, rollout,
+                          score_last_token)
 from nanoalign.tokenizer import load_tokenizer, render_chat
-from nanoalign.train_dpo import concatenated_logps
 from nanoalign.train_ppo import PPOConfig, advantages_and_returns, ppo_update
 from nanoalign.train_rm import pair_rewards, reward_offset
 from nanoalign.train_sft import collate, sft_loss

@@ -207,5 +207,13 @@ def test_entropy_floor_is_positive_and_below_the_unigram_entropy(small_world):
     freq = collections.Counter(ids)
     unigram = -sum(c / len(ids) * math.log(c / len(ids)) for c in freq.values())
     assert 0 < floor < unigram
-    stats = json.loads((small_world / "world.json").read_text())
-    assert stats["entropy_floor_nats_per_token"] == floor
+    # the pretraining stage, which never imports the world, logs the same floor from the file
+    from nanoalign.train_pretrain import reference_losses, tokenize_file
+    val = tokenize_file(str(small_world / "pretrain_val.txt"), tok)
+    lines = reference_losses(val, tok, str(small_world / "pretrain_val_logp.json"))
+    assert lines["entropy_floor"] == pytest.approx(floor, rel=1e-12)
+    assert lines["unigram_entropy"] == pytest.approx(unigram, rel=1e-9)
+    other = small_world / "other_logp.json"  # the log-probs of another text are refused
+    other.write_text(json.dumps([1.0, 2.0]))
+    with pytest.raises(ValueError, match="val_nll"):
+        reference_losses(val, tok, str(other))

@@ -1,0 +1,139 @@
+"""
+How bench.py measures: a timer for repeated calls, the rows and the table of timed items (with MFU
+against the machine's peak), and the fixtures it times them on: fresh models of its sizes (a
+BenchConfig) and random tokens.
+"""
+
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanoalign.common import optimizer_step
+from nanoalign.machine import clock, machine_name, matmul_gflops, peak_memory_mb, peaks, probe
+from nanoalign.model import GPT, GPTConfig
+
+
+def time_calls(step, warmup: int, repeats: int, device: str) -> dict:
+    """Time step() after `warmup` untimed calls. step may return {part: seconds}, a split of its
+    own time. Returns the median seconds, every call's, the warm-up's, and each part's median."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t = clock(device)
+    for _ in range(warmup):
+        step()
+    warmup_s, times, parts = clock(device) - t, [], {}
+    for _ in range(repeats):
+        t = clock(device)
+        split = step() or {}
+        times.append(clock(device) - t)
+        for k, v in split.items():
+            parts.setdefault(k, []).append(v)
+    return {"sec": statistics.median(times), "times": times, "warmup_s": warmup_s,
+            "parts": {k: statistics.median(v) for k, v in parts.items()}}
+
+
+@dataclass
+class Bench:
+    cfg: object  # bench.BenchConfig: warmup, repeats, slow_repeats
+    device: str
+    rows: list
+
+    def item(self, key, step, units, unit, slow=False, tokens=None, flops_per_token=None, note=""):
+        """Time step() and add a row: `units` per call -> rate; real `tokens` per call -> tok/s
+        and, with the training FLOPs per token, the GFLOP/s that run() turns into MFU."""
+        c = self.cfg
+        print(f"[bench] {key} ...", file=sys.stderr, flush=True)
+        t = time_calls(step, c.warmup, c.slow_repeats if slow else c.repeats, self.device)
+        tok_s = tokens / t["sec"] if tokens else None
+        gflops = flops_per_token * tok_s / 1e9 if flops_per_token else None
+        self.rows.append({"item": key, "ms": 1000 * t["sec"], "rate": units / t["sec"],
+                          "unit": unit, "tok_s": tok_s, "gflops": gflops, "note": note,
+                          "split_ms": {k: 1000 * v for k, v in t["parts"].items()},
+                          "times_ms": [1000 * x for x in t["times"]], "warmup_s": t["warmup_s"],
+                          "peak_mem_mb": peak_memory_mb(self.device)})
+
+
+def measure(bench: Bench, items, peak_n: int) -> dict:
+    """Run each item (a function of the Bench) between two probes of the machine's speed, then set
+    every row's MFU against the peak: the best fp32 matmul measured here on a CPU, the card's
+    nominal bf16 peak on CUDA (the measured bf16 one if the card is unknown)."""
+    device, cuda = bench.device, bench.device.startswith("cuda")
+    t0, probe_before, measured = time.time(), probe(), peaks(device, peak_n)
+    for item in items:
+        item(bench)
+    if not cuda:  # the machine's speed drifts: the peak is the best of before and after
+        measured["fp32_gflops"] = max(measured["fp32_gflops"], matmul_gflops(peak_n))
+    nominal = measured.get("nominal_bf16_tflops")
+    peak = 1000 * nominal if nominal else measured["bf16_gflops" if cuda else "fp32_gflops"]
+    for row in bench.rows:
+        row["mfu"] = row["gflops"] / peak if row["gflops"] else None
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"machine": machine_name(device), "device": device, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "peak": measured,
+            "mfu_peak_gflops": peak, "probe_gflops_before_after": [probe_before, probe()],
+            "load_average_after": load, "wall_s": time.time() - t0, "rows": bench.rows}
+
+
+def fmt(x) -> str:
+    if x is None:
+        return ""
+    return f"{x / 1000:.2f}k" if x >= 1e4 else f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def print_table(r: dict):
+    p, (before, after) = r["peak"], r["probe_gflops_before_after"]
+    nominal = p.get("nominal_bf16_tflops")
+    nominal = f", nominal bf16 {nominal} TFLOP/s" if nominal else ""
+    load = (r["load_average_after"] or [0])[0]
+    print(f"{r['command']} | {r['machine']} ({r['device']}) | torch {r['torch']} | "
+          f"{r['wall_s']:.0f} s\nprobe before/after {before:.0f} / {after:.0f} GFLOP/s | matmul "
+          f"peak fp32 {p['fp32_gflops']:.0f}, bf16 {p['bf16_gflops']:.1f} GFLOP/s{nominal} | MFU "
+          f"against {r['mfu_peak_gflops']:,.0f} GFLOP/s | load average {load:.1f}")
+    head = f"{'item':<26}{'ms':>9}{'throughput':>20}{'tok/s':>8}{'MFU':>7}{'mem MB':>8}  "
+    print(head + "split ms; note\n" + "-" * (len(head) + 14))
+    for x in r["rows"]:
+        split = ", ".join(f"{k} {v:.0f}" for k, v in x["split_ms"].items())
+        mfu, rate = f"{100 * x['mfu']:.1f}%" if x["mfu"] else "", fmt(x["rate"]) + " " + x["unit"]
+        print(f"{x['item']:<26}{x['ms']:>9.1f}{rate:>20}{fmt(x['tok_s']):>8}{mfu:>7}"
+              f"{x['peak_mem_mb']:>8.0f}  " + "; ".join(s for s in (split, x["note"]) if s))
+
+
+# ----------------------------------------------------------------------------------- fixtures
+# What bench.py times its items on: fresh models of its sizes (a BenchConfig), random tokens.
+
+PAD, END = 0, -1  # random tokens are drawn from 1..V-1, so no row ever emits END
+
+
+def new_model(c, device: str, seed=0, **sizes) -> GPT:
+    """A freshly initialised GPT of the bench's sizes; keyword arguments override GPTConfig."""
+    torch.manual_seed(seed)
+    block = max(c.seq_len, c.prompt_len + max(c.response_len, c.gen_new, c.rl_new))
+    cfg = dict(block_size=block, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+               n_embd=c.n_embd, gelu=c.gelu)
+    return GPT(GPTConfig(**{**cfg, **sizes})).to(device)
+
+
+def random_seqs(c, n: int, length: int, seed: int, ragged=None) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lo = length // 2 if (c.ragged if ragged is None else ragged) else length
+    return [torch.randint(1, c.vocab_size, (int(L),), generator=g).tolist()
+            for L in torch.randint(max(1, lo), length + 1, (n,), generator=g)]
+
+
+def random_pairs(c, seed: int):
+    """(prompt, chosen, rejected) token lists as tokenize_pref lays them out; real tokens."""
+    pairs = list(zip(*(random_seqs(c, c.pairs, n, seed + k)
+                       for k, n in enumerate([c.prompt_len, c.response_len, c.response_len]))))
+    return pairs, sum(2 * len(p) + len(ch) + len(r) for p, ch, r in pairs)
+
+
+def train_step(model, optimizer, loss, grad_clip: float) -> float:
+    """backward, then the stages' clip, step and clear; .item() syncs as the stages' logs do."""
+    loss.backward()
+    optimizer_step(model, optimizer, grad_clip)
+    return loss.item()
