@@ -40,7 +40,7 @@ from nanoalign.generate import generate, response_logprobs
 from nanoalign.model import GPT
 from nanoalign.rl import (concatenated_logps, load_reward_model, pair_rewards, prompt_text,
                           response_texts, score_last_token)
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import render_chat
 
 
 @dataclass
@@ -115,7 +115,7 @@ def setup(cfg: EvalConfig) -> SimpleNamespace:
     """What every evaluation shares: SFT's model and tokenizer, the prompts, the RM, the judge."""
     device = common.init_dist(cfg.device).device
     sft_ckpt = record.load_checkpoint(cfg.sft)
-    tok = load_tokenizer(sft_ckpt["tokenizer_path"])
+    tok = record.checkpoint_tokenizer(sft_ckpt)
     prompts = load_prompts(cfg.prompts)[:cfg.n_prompts]
     judge = world.gold_scores if cfg.judge == "gold" else None
     sft = GPT.from_checkpoint(sft_ckpt, device).eval()

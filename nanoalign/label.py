@@ -30,7 +30,7 @@ from nanoalign import common, config, record
 from nanoalign.data import load_prompts
 from nanoalign.generate import generate
 from nanoalign.rl import response_texts
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import render_chat
 from nanoalign.model import GPT
 
 
@@ -59,7 +59,7 @@ KEYS = {"a": "A", "b": "B", "t": "tie", "s": "skip", "q": "quit"}
 
 def load_model(path, device):
     ckpt = record.load_checkpoint(path, stages=["sft", "ppo", "dpo", "grpo"])
-    return load_tokenizer(ckpt["tokenizer_path"]), GPT.from_checkpoint(ckpt, device).eval()
+    return record.checkpoint_tokenizer(ckpt), GPT.from_checkpoint(ckpt, device).eval()
 
 
 def two_answers(models, tok, messages, k: int, cfg: LabelConfig, device) -> list[str]:

@@ -4,11 +4,13 @@ the weights, the optimizer, every rank's RNG state), which the next stage starts
 continues exactly.
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import subprocess
@@ -22,7 +24,7 @@ import torch
 from nanoalign.common import Dist, all_gather_object, unwrap
 from nanoalign.machine import machine_name
 from nanoalign.model import grow_vocab, load_gpt2
-from nanoalign.tokenizer import load_tokenizer
+from nanoalign.tokenizer import Tokenizer, load_tokenizer
 
 
 # ----------------------------------------------------------------------------------- logging
@@ -91,14 +93,19 @@ def read_metrics(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------------- checkpoints
 
 def rng_state() -> dict:
+    """This process's RNG states as plain data (numpy's keys as a tensor), so that a checkpoint
+    loads with weights_only=True."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(), "cuda": cuda}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state(),
+            "cuda": cuda}
 
 
 def set_rng_state(s: dict):
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -119,13 +126,25 @@ class CheckpointError(ValueError):
 
 def load_checkpoint(path: str, stages=None, tokenizer: str | None = None) -> dict:
     """Load a checkpoint (or a Hugging Face GPT-2 directory) and check its lineage: the stage that
-    wrote it (a policy where a policy is expected) and the tokenizer identity."""
+    wrote it (a policy where a policy is expected) and the tokenizer identity. weights_only: a
+    checkpoint holds tensors, numbers, strings, lists and dicts, never code to run."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     if os.path.isdir(path):
-        ckpt = gpt2_checkpoint(path)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return check_lineage(gpt2_checkpoint(path), path, stages, tokenizer)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: holds pickled objects, as checkpoints of older nanoalign "
+                              "did; if you trust the file, convert it once: python -m "
+                              f"nanoalign.record --convert {path}") from e
+    if "tokenizer_state" not in ckpt:
+        raise CheckpointError(f"{path}: names its tokenizer by path instead of carrying it: "
+                              f"convert it once: python -m nanoalign.record --convert {path}")
+    return check_lineage(ckpt, path, stages, tokenizer)
+
+
+def check_lineage(ckpt: dict, path: str, stages, tokenizer) -> dict:
     if stages is not None and ckpt.get("stage") not in stages:
         raise CheckpointError(f"{path}: is a '{ckpt.get('stage')}' checkpoint, expected one of "
                               f"{list(stages)}")
@@ -146,7 +165,12 @@ def gpt2_checkpoint(directory: str) -> dict:
     tok = load_tokenizer(directory)
     model = grow_vocab(load_gpt2(directory), tok.n_vocab)
     return {"stage": "pretrain", "model": model.state_dict(), "model_config": asdict(model.config),
-            "tokenizer": tok.name, "tokenizer_path": directory, "parent": None}
+            "tokenizer": tok.name, "tokenizer_state": tok.state(), "parent": None}
+
+
+def checkpoint_tokenizer(ckpt: dict) -> Tokenizer:
+    """The tokenizer a checkpoint carries."""
+    return Tokenizer.from_state(ckpt["tokenizer_state"])
 
 
 def file_hash(path: str) -> str:
@@ -163,16 +187,17 @@ def generator_states(generator: torch.Generator, d: Dist) -> list:
 
 
 def save_stage(path: str, d: Dist, stage: str, model, optimizer, step: int, cfg, tok,
-               tokenizer_path: str, parent: str | None, **extra):
+               parent: str | None, **extra):
     """Every rank's RNG state is gathered (a collective, so every rank calls this); rank 0 writes
-    one atomic file with the lineage (stage, parent, tokenizer) and all that --resume needs."""
+    one atomic file with the lineage (stage, parent, the tokenizer itself) and all that --resume
+    needs."""
     rngs = all_gather_object(rng_state(), d)  # a resumed run continues each rank's stream
     if d.master:
         parent = os.path.abspath(parent) if parent else None
         save_checkpoint(path, stage=stage, model=unwrap(model).state_dict(),
                         model_config=asdict(unwrap(model).config), optimizer=optimizer.state_dict(),
                         step=step, config=asdict(cfg), tokenizer=tok.name,
-                        tokenizer_path=tokenizer_path, parent=parent, rng=rngs, **extra)
+                        tokenizer_state=tok.state(), parent=parent, rng=rngs, **extra)
 
 
 def restore(ckpt: dict, model, optimizer, d: Dist) -> int:
@@ -181,3 +206,29 @@ def restore(ckpt: dict, model, optimizer, d: Dist) -> int:
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"][min(d.rank, len(ckpt["rng"]) - 1)])
     return ckpt["step"]
+
+
+def convert(path: str):
+    """Rewrite a checkpoint of an older nanoalign (pickled numpy RNG state, tokenizer named by a
+    path) as one that loads with weights_only=True from any directory. Loading the old file runs
+    its pickles: only for files you trust."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "tokenizer_state" not in ckpt:
+        ckpt["tokenizer_state"] = load_tokenizer(ckpt.pop("tokenizer_path")).state()
+    for s in ckpt.get("rng", []):
+        if isinstance(s["numpy"][1], np.ndarray):
+            name, keys, pos, has_gauss, cached = s["numpy"]
+            s["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    save_checkpoint(path, **ckpt)
+    print(f"{path}: converted (tokenizer {ckpt['tokenizer']})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Convert checkpoints of an older nanoalign.")
+    parser.add_argument("--convert", nargs="+", required=True, metavar="CKPT", help="files to fix")
+    for path in parser.parse_args(argv).convert:
+        convert(path)
+
+
+if __name__ == "__main__":
+    main()

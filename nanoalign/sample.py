@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 from nanoalign import common, config, record
 from nanoalign.generate import generate
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import render_chat
 from nanoalign.model import GPT
 
 
@@ -53,7 +53,7 @@ class SampleConfig:
 
 def load(path: str, device: str):
     ckpt = record.load_checkpoint(path)
-    return ckpt, load_tokenizer(ckpt["tokenizer_path"]), GPT.from_checkpoint(ckpt, device).eval()
+    return ckpt, record.checkpoint_tokenizer(ckpt), GPT.from_checkpoint(ckpt, device).eval()
 
 
 def answers(model, tok, prompt_ids: list[int], stop: int, cfg: SampleConfig, device) -> list[str]:

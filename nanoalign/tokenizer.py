@@ -23,8 +23,7 @@ the model learns to stop), nothing else. Example:
                       {"role": "assistant", "content": "Hello."}])
     ids:    <|user|>  enc("Be brief.\n\nHi!")  <|end|>  <|assistant|>  enc("Hello.")  <|end|>
     labels: -100      -100 ...                 -100     -100           enc("Hello.")  <|end|>
-With add_generation_prompt=True a final <|assistant|> is appended: the prompt a policy samples its
-answer from.
+With add_generation_prompt=True a final <|assistant|> is appended: the prompt a policy answers.
 
     python -m nanoalign.tokenizer --input data/world/pretrain.txt --out data/world/tok512.tiktoken
 """
@@ -32,6 +31,7 @@ answer from.
 import argparse
 import base64
 import hashlib
+import json
 import os
 import time
 import warnings
@@ -40,10 +40,10 @@ from collections import Counter, defaultdict
 import tiktoken
 from tqdm import tqdm
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # <|endoftext|> separates pretraining documents; <|pad|> pads (never trained on, distinct from
 # every other token); <|user|>/<|assistant|> open a turn; <|end|> ends every turn and is THE stop
-# token for generation, SFT, RM, PPO.
+# token for generation, SFT, RM, PPO
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 # GPT-4's split pattern (tiktoken's cl100k_base). tiktoken always encodes with it; training
 # splits with it too.
@@ -132,8 +132,7 @@ def train_bpe(text: str, vocab_size: int, verbose=False) -> dict[bytes, int]:
 
 
 def save_tokenizer(ranks: dict[bytes, int], path: str) -> None:
-    """Write the ordinary ranks in tiktoken's .tiktoken format: one "base64(token) rank" line
-    each, by rank."""
+    """The ordinary ranks in tiktoken's .tiktoken format: a "base64(token) rank" line each."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
@@ -156,6 +155,18 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.enc.decode([int(i) for i in ids if int(i) != self.pad_id])
+
+    def state(self) -> dict:
+        """The whole tokenizer as plain data: what a checkpoint carries (see from_state)."""
+        e = self.enc
+        return {"name": self.name, "pat_str": e._pat_str, "ranks": dict(e._mergeable_ranks),
+                "special": dict(e._special_tokens)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Tokenizer":
+        enc = tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"],
+                                mergeable_ranks=state["ranks"], special_tokens=state["special"])
+        return cls(enc, state["name"])
 
 
 GPT2_SPLIT_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
@@ -194,7 +205,6 @@ def load_gpt2_files(directory: str) -> Tokenizer:
     download. The byte tokens take ranks 0..255 in bytes_to_unicode order and merge i takes rank
     256 + i (what tiktoken's BPE needs: the lower rank merges first); vocab.json's ids must equal
     those ranks, so the checkpoint's embedding rows line up."""
-    import json
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     decode = lambda s: bytes(byte_of[c] for c in s)
     ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}
@@ -276,8 +286,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output .tiktoken file")
     args = p.parse_args(argv)
     with open(args.input, encoding="utf-8") as f:
-        text = f.read()
-    t0 = time.time()
+        text, t0 = f.read(), time.time()
     save_tokenizer(train_bpe(text, args.vocab_size, verbose=True), args.out)
     dt = time.time() - t0
     tok = load_tokenizer(args.out)

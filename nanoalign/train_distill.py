@@ -37,7 +37,7 @@ from nanoalign import common, config, record
 from nanoalign.data import load_prompts
 from nanoalign.generate import generate, upcast
 from nanoalign.model import GPT, GPTConfig, set_dropout
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import render_chat
 
 
 @dataclass
@@ -117,7 +117,7 @@ def train(cfg: DistillConfig):
     common.set_seed(cfg.seed)
     parent = record.load_checkpoint(cfg.teacher,
                                     stages=["sft", "ppo", "dpo", "grpo", "distill"])
-    tok = load_tokenizer(parent["tokenizer_path"])
+    tok = record.checkpoint_tokenizer(parent)
     teacher = GPT.from_checkpoint(parent, d.device, scalar_head=False)
     teacher = teacher.eval().requires_grad_(False)
     student = set_dropout(new_student(cfg, teacher, tok, d.device), 0.0)
@@ -144,7 +144,7 @@ def train(cfg: DistillConfig):
 
     def save(**extra):
         record.save_stage(ckpt_path, d, "distill", raw_student, optimizer, step, cfg, tok,
-                          parent["tokenizer_path"], cfg.init if cfg.init != "scratch" else None,
+                          cfg.init if cfg.init != "scratch" else None,
                           generators=record.generator_states(generator, d), teacher=cfg.teacher,
                           **extra)
 

@@ -39,7 +39,6 @@ from nanoalign.data import load_prefs, load_prompts, tokenize_pref
 from nanoalign.model import GPT, set_dropout
 from nanoalign.rl import (concatenated_logps, load_reward_model, mean_stats, reward_function,
                           rollout_pairs)
-from nanoalign.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -127,7 +126,6 @@ class Run:
     optimizer: torch.optim.Optimizer
     log: record.MetricsLog
     stop: common.StopSignal
-    tokenizer_path: str  # the parent's, recorded in every checkpoint
     val_set: list
     step: int = 0
     val_ref: dict = field(default_factory=dict)  # validation chunk -> the reference's log-probs
@@ -135,7 +133,7 @@ class Run:
 
 def save(run: Run):
     record.save_stage(os.path.join(run.cfg.out_dir, "ckpt.pt"), run.d, "dpo", run.policy,
-                      run.optimizer, run.step, run.cfg, run.tok, run.tokenizer_path, run.cfg.init)
+                      run.optimizer, run.step, run.cfg, run.tok, run.cfg.init)
 
 
 @torch.no_grad()
@@ -243,7 +241,7 @@ def train(cfg: DPOConfig):
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
     parent = record.load_checkpoint(cfg.init, stages=["sft", "dpo", "ppo", "grpo"])
-    tok = load_tokenizer(parent["tokenizer_path"])
+    tok = record.checkpoint_tokenizer(parent)
     policy = set_dropout(GPT.from_checkpoint(parent, d.device, scalar_head=False), 0.0)
     policy = common.with_precision(policy, cfg.dtype)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -260,7 +258,7 @@ def train(cfg: DPOConfig):
     log = record.MetricsLog(cfg.out_dir, cfg, d.master, resume_step=step if cfg.resume else None)
     run = Run(cfg=cfg, d=d, tok=tok, ddp_policy=common.wrap_ddp(policy, d), policy=policy,
               ref=ref, optimizer=optimizer, log=log, stop=common.StopSignal(d.device),
-              tokenizer_path=parent["tokenizer_path"], val_set=val_set, step=step)
+              val_set=val_set, step=step)
     # 1. the offline pass: --epochs over the preference pairs
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     offline_steps = int(cfg.epochs * len(train_set) / global_batch) if train_set else 0

@@ -47,7 +47,7 @@ from nanoalign.generate import response_logprobs
 from nanoalign.model import GPT, set_dropout
 from nanoalign.rl import (clipped_surrogate, kl_estimates, make_scorer, masked_mean, masked_sum,
                           mean_stats, policy_entropy, rollout)
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import render_chat
 
 
 @dataclass
@@ -178,7 +178,7 @@ def train(cfg: GRPOConfig):
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
     parent = record.load_checkpoint(cfg.init, stages=["sft", "grpo", "ppo", "dpo"])
-    tok = load_tokenizer(parent["tokenizer_path"])
+    tok = record.checkpoint_tokenizer(parent)
     policy = set_dropout(GPT.from_checkpoint(parent, d.device, scalar_head=False), 0.0)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     verifiable = cfg.reward == "verifiable"
@@ -205,8 +205,7 @@ def train(cfg: GRPOConfig):
     stop = common.StopSignal(d.device)
 
     def save():
-        record.save_stage(ckpt_path, d, "grpo", raw_policy, optimizer, it, cfg, tok,
-                          parent["tokenizer_path"], cfg.init,
+        record.save_stage(ckpt_path, d, "grpo", raw_policy, optimizer, it, cfg, tok, cfg.init,
                           generators=record.generator_states(generator, d))
 
     bar = common.progress(cfg.iterations, it, cfg.estimator, not d.master)

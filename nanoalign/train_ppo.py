@@ -48,7 +48,7 @@ from nanoalign.generate import last_true, response_logprobs
 from nanoalign.model import GPT, set_dropout
 from nanoalign.rl import (clipped_surrogate, kl_estimates, make_scorer, masked_mean, masked_sum,
                           masked_whiten, mean_stats, policy_entropy, rollout)
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import render_chat
 
 
 @dataclass
@@ -220,7 +220,7 @@ def train(cfg: PPOConfig):
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
     parent = record.load_checkpoint(cfg.init, stages=["sft", "ppo", "dpo", "grpo"])
-    tok = load_tokenizer(parent["tokenizer_path"])
+    tok = record.checkpoint_tokenizer(parent)
     policy = set_dropout(GPT.from_checkpoint(parent, d.device), 0.0)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     if policy.scalar_head is None:
@@ -245,9 +245,8 @@ def train(cfg: PPOConfig):
     stop = common.StopSignal(d.device)
 
     def save():
-        record.save_stage(ckpt_path, d, "ppo", raw_policy, optimizer, it, cfg, tok,
-                          parent["tokenizer_path"], cfg.init, kl_coef=kl_coef,
-                          generators=record.generator_states(generator, d))
+        record.save_stage(ckpt_path, d, "ppo", raw_policy, optimizer, it, cfg, tok, cfg.init,
+                          kl_coef=kl_coef, generators=record.generator_states(generator, d))
 
     bar = common.progress(cfg.iterations, it, "ppo", not d.master)
     last = cfg.stop_at if cfg.stop_at > 0 else cfg.iterations

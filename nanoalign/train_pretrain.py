@@ -193,8 +193,7 @@ def train(cfg: PretrainConfig):
 
     def save():
         parent = cfg.init_from if cfg.init_from != "scratch" else None
-        record.save_stage(ckpt_path, d, "pretrain", raw_model, optimizer, step, cfg, tok,
-                          cfg.tokenizer, parent)
+        record.save_stage(ckpt_path, d, "pretrain", raw_model, optimizer, step, cfg, tok, parent)
 
     bar = common.progress(cfg.max_steps, step, "pretrain", not d.master)
     t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else cfg.max_steps

@@ -35,7 +35,6 @@ from nanoalign import common, config, record
 from nanoalign.data import load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
 from nanoalign.model import GPT, set_dropout
 from nanoalign.rl import mean_stats, pair_rewards, score_last_token
-from nanoalign.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -127,7 +126,7 @@ def train(cfg: RMConfig):
     d = common.init_dist(cfg.device)
     common.set_seed(cfg.seed)
     parent = record.load_checkpoint(cfg.init, stages=["sft", "pretrain"])
-    tok = load_tokenizer(parent["tokenizer_path"])
+    tok = record.checkpoint_tokenizer(parent)
     model = set_dropout(GPT.from_checkpoint(parent, d.device), 0.0).add_scalar_head("reward")
     model = common.with_precision(model, cfg.dtype)
     max_len = cfg.max_len or model.config.block_size
@@ -152,9 +151,8 @@ def train(cfg: RMConfig):
               f"steps of {global_batch} pairs")
 
     def save(offset=None, metrics=None):
-        record.save_stage(ckpt_path, d, "rm", raw_model, optimizer, step, cfg, tok,
-                          parent["tokenizer_path"], cfg.init, reward_offset=offset,
-                          metrics=metrics)
+        record.save_stage(ckpt_path, d, "rm", raw_model, optimizer, step, cfg, tok, cfg.init,
+                          reward_offset=offset, metrics=metrics)
 
     bar = common.progress(max_steps, step, "rm", not d.master)
     t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else max_steps

@@ -30,7 +30,7 @@ from nanoalign import common, config, record
 from nanoalign.data import load_sft, pad, tokenize_sft
 from nanoalign.generate import generate, upcast
 from nanoalign.model import GPT, set_dropout
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import render_chat
 
 
 @dataclass
@@ -119,7 +119,7 @@ def train(cfg: SFTConfig):
     common.set_seed(cfg.seed)
     parent = record.load_checkpoint(cfg.init,
                                     stages=["pretrain", "sft", "distill", "dpo", "ppo", "grpo"])
-    tok = load_tokenizer(parent["tokenizer_path"])
+    tok = record.checkpoint_tokenizer(parent)
     model = GPT.from_checkpoint(parent, d.device, scalar_head=False)
     model = common.with_precision(set_dropout(model, cfg.dropout), cfg.dtype)
     max_len = cfg.max_len or model.config.block_size
@@ -144,8 +144,7 @@ def train(cfg: SFTConfig):
               f"examples/step | {d.world} rank(s) on {d.device}")
 
     def save():
-        record.save_stage(ckpt_path, d, "sft", raw_model, optimizer, step, cfg, tok,
-                          parent["tokenizer_path"], cfg.init)
+        record.save_stage(ckpt_path, d, "sft", raw_model, optimizer, step, cfg, tok, cfg.init)
 
     bar = common.progress(cfg.max_steps, step, "sft", not d.master)
     t0, last = time.time(), cfg.stop_at if cfg.stop_at > 0 else cfg.max_steps

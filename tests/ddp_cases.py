@@ -13,7 +13,7 @@ from nanoalign import (common, record, train_distill, train_dpo, train_grpo, tra
                        train_pretrain, train_rm, train_sft)
 from nanoalign.model import GPT
 from nanoalign.rl import masked_whiten, rollout
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import render_chat
 
 GLOBAL = 8
 
@@ -94,7 +94,7 @@ def fixed_rollout_update(run, whiten: str):
     clipping: grad_clip is huge)."""
     d = common.init_dist("cpu")
     sft_ckpt = record.load_checkpoint(ck(run, "sft"))
-    tok = load_tokenizer(sft_ckpt["tokenizer_path"])
+    tok = record.checkpoint_tokenizer(sft_ckpt)
     torch.manual_seed(0)
     policy = GPT.from_checkpoint(sft_ckpt).add_scalar_head("zero")
     ref = copy.deepcopy(policy).requires_grad_(False)

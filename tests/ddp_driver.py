@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for ddp_cases
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # ddp_cases, and nanoalign without an install
 from ddp_cases import STAGES, fixed_rollout_update  # noqa: E402
 
 from nanoalign import common  # noqa: E402
@@ -33,7 +34,7 @@ def main():
         sums[name] = [float(p.detach().double().sum()) for p in model.parameters()]
         if name == "ppo":
             torch.distributed.barrier()  # rank 0 writes the checkpoint
-            ck = torch.load(os.path.join(out, "ddp", name, "ckpt.pt"), weights_only=False)
+            ck = torch.load(os.path.join(out, "ddp", name, "ckpt.pt"), weights_only=True)
             sums["ppo_kl_coef"] = ck["kl_coef"]
     for whiten in ("global", "local"):
         model, grads = fixed_rollout_update(run, whiten)

@@ -45,9 +45,9 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(ddp_run, micro_run
     module, argv = STAGES[name]
     single = module.main(argv(str(micro_run), world_size=1)
                          + ["--out_dir", str(ddp_run / "single" / name), "--device", "cpu"])
-    ddp = torch.load(ddp_run / "ddp" / name / "ckpt.pt", weights_only=False)["model"]
+    ddp = torch.load(ddp_run / "ddp" / name / "ckpt.pt", weights_only=True)["model"]
     init_stage = "sft" if name in ("rm", "dpo") else "pretrain"
-    init = torch.load(os.path.join(micro_run, init_stage, "ckpt.pt"), weights_only=False)["model"]
+    init = torch.load(os.path.join(micro_run, init_stage, "ckpt.pt"), weights_only=True)["model"]
     moved = 0.0
     for k, v in single.state_dict().items():
         msg = f"{name}: {k} differs between 2 ranks and 1 process"
@@ -66,8 +66,8 @@ def test_ppo_update_on_a_fixed_rollout_matches_one_process_only_with_global_whit
     (the negative control) does not."""
     model, single_grads = fixed_rollout_update(str(micro_run), "global")
     single = model.state_dict()
-    ddp = torch.load(ddp_run / "ppo_fixed_global_ddp.pt", weights_only=False)
-    local = torch.load(ddp_run / "ppo_fixed_local_ddp.pt", weights_only=False)
+    ddp = torch.load(ddp_run / "ppo_fixed_global_ddp.pt", weights_only=True)
+    local = torch.load(ddp_run / "ppo_fixed_local_ddp.pt", weights_only=True)
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12)
                for a, b in zip(single_grads, ddp["grads"]))
     assert all(torch.allclose(single[k], ddp["model"][k], atol=1e-9) for k in single)

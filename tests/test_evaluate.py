@@ -13,7 +13,6 @@ import torch
 from nanoalign import evaluate, record, train_rm
 from nanoalign.data import load_prefs, tokenize_pref
 from nanoalign.rl import concatenated_logps, load_reward_model
-from nanoalign.tokenizer import load_tokenizer
 from nanoalign.model import GPT
 
 
@@ -55,7 +54,7 @@ def test_pair_logps_are_the_dpo_stages_sequence_logps(micro_run):
     """Both sides share the prompt, so a prompt token leaking into the sums would cancel in every
     accuracy: compare the sums themselves with DPO's own (labels -100 on the prompt)."""
     ckpt = record.load_checkpoint(str(micro_run / "sft" / "ckpt.pt"))
-    tok, model = load_tokenizer(ckpt["tokenizer_path"]), GPT.from_checkpoint(ckpt, "cpu").eval()
+    tok, model = record.checkpoint_tokenizer(ckpt), GPT.from_checkpoint(ckpt, "cpu").eval()
     pairs = [tokenize_pref(tok, r, model.config.block_size)
              for r in load_prefs(str(micro_run / "world" / "prefs_val.jsonl"))[:7]]
     ours = evaluate.pair_logps(model, pairs, tok.pad_id, "cpu")
@@ -75,7 +74,7 @@ def test_kinds_cover_the_pairs_and_match_the_rm_stages_gold_agreement(micro_run,
     kinds = results["reward_model"]["gold_agreement_by_kind"]
     untied = [r for r in load_prefs(val) if r["gold_chosen"] != r["gold_rejected"]]
     assert sum(k["n"] for k in kinds.values()) == len(untied)
-    tok = load_tokenizer(record.load_checkpoint(rm_path)["tokenizer_path"])
+    tok = record.checkpoint_tokenizer(record.load_checkpoint(rm_path))
     model, _ = load_reward_model(rm_path)
     pairs = [tokenize_pref(tok, r, model.config.block_size) for r in load_prefs(val)]
     gold = [(r["gold_chosen"], r["gold_rejected"]) for r in load_prefs(val)]

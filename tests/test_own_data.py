@@ -41,7 +41,8 @@ def test_own_gpt2_and_hh_data_run_sft_rm_dpo_ppo_and_a_judgeless_evaluation(tmp_
                     "--n_samples", "1", "--out_dir", str(run["sft"])] + small)
     sft_ckpt, rm_ckpt = str(run["sft"] / "ckpt.pt"), str(run["rm"] / "ckpt.pt")
     sft = record.load_checkpoint(sft_ckpt, stages=["sft"])
-    assert sft["tokenizer"].startswith("gpt2-") and sft["tokenizer_path"] == str(gpt2)
+    assert sft["tokenizer"].startswith("gpt2-")
+    assert sft["tokenizer_state"]["name"] == sft["tokenizer"]  # it carries GPT-2's tokenizer
     # GPT-2's vocabulary + <|pad|>, turns and <|end|>
     assert sft["model_config"]["vocab_size"] == len(vocab) + 4
     train_rm.main(["--init", sft_ckpt, "--data", str(hh), "--val_data", str(hh), "--norm_data", "",

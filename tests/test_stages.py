@@ -16,7 +16,7 @@ from nanoalign.data import load_prefs, load_sft, tokenize_pref, tokenize_sft
 from nanoalign.generate import pad_left
 from nanoalign.rl import (concatenated_logps, kl_estimates, load_reward_model, rollout,
                           score_last_token)
-from nanoalign.tokenizer import load_tokenizer, render_chat
+from nanoalign.tokenizer import render_chat
 from nanoalign.train_ppo import PPOConfig, advantages_and_returns, ppo_update
 from nanoalign.train_rm import pair_rewards, reward_offset
 from nanoalign.train_sft import collate, sft_loss
@@ -33,7 +33,7 @@ def world(run, name):
 
 def load(run, stage):
     c = record.load_checkpoint(ckpt(run, stage))
-    return GPT.from_checkpoint(c).eval(), load_tokenizer(c["tokenizer_path"]), c
+    return GPT.from_checkpoint(c).eval(), record.checkpoint_tokenizer(c), c
 
 
 # ----------------------------------------------------------------------------- reward model
@@ -224,8 +224,8 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(micro_run, tmp_path, st
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in later)
     module.main(args + ["--out_dir", str(tmp_path / "split"), "--resume", "true"])
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{stage}: {k} differs after resume"
@@ -370,3 +370,47 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(micro_run, tmp_pa
     from nanoalign import train_sft
     train_sft.main(argv[3:] + ["--max_steps", str(saved["step"] + 2), "--resume", "true"])
     assert record.load_checkpoint(str(out / "ckpt.pt"))["step"] == saved["step"] + 2
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_a_checkpoint_moved_elsewhere_loads_weights_only_and_samples(micro_run, tmp_path,
+                                                                   monkeypatch):
+    """A checkpoint carries its tokenizer, not a path: copied to another directory, with the world
+    out of reach, it loads with weights_only=True (no pickled objects) and answers a prompt."""
+    import shutil
+
+    from nanoalign import sample
+    for stage in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "distill"):
+        torch.load(ckpt(micro_run, stage), weights_only=True)  # tensors, numbers, strings only
+    moved = tmp_path / "elsewhere" / "ppo.pt"
+    moved.parent.mkdir()
+    shutil.copy(ckpt(micro_run, "ppo"), moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # relative paths to the world no longer resolve
+    c = record.load_checkpoint(str(moved), stages=["ppo"])
+    tok = record.checkpoint_tokenizer(c)
+    assert tok.name == c["tokenizer"] and tok.state() == c["tokenizer_state"]
+    out = sample.main(["--ckpt", str(moved), "--prompt", "Tell me a story about a cat.",
+                       "--max_new_tokens", "8"])
+    assert out
+
+
+def test_an_old_pickled_checkpoint_names_its_conversion_and_converts(micro_run, tmp_path):
+    import numpy as np
+    c = torch.load(ckpt(micro_run, "sft"), weights_only=True)
+    tok_path = tmp_path / "tok.tiktoken"
+    tok_path.write_bytes((micro_run / "world" / "tok512.tiktoken").read_bytes())
+    old = copy.deepcopy({k: v for k, v in c.items() if k != "tokenizer_state"})
+    old["tokenizer_path"] = str(tok_path)
+    for s in old["rng"]:  # as older versions saved numpy's state: a pickled array
+        name, keys, pos, has_gauss, cached = s["numpy"]
+        s["numpy"] = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    with pytest.raises(record.CheckpointError, match="nanoalign.record --convert"):
+        record.load_checkpoint(str(path))
+    record.main(["--convert", str(path)])
+    new = record.load_checkpoint(str(path), stages=["sft"])
+    assert new["tokenizer_state"] == c["tokenizer_state"]
+    assert all(torch.equal(new["model"][k], v) for k, v in c["model"].items())
+    assert torch.equal(new["rng"][0]["numpy"][1], c["rng"][0]["numpy"][1])
