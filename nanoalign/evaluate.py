@@ -6,7 +6,9 @@ tutorials/07-beyond.md, "What the evaluation measures"; report.py writes a run's
     gold_score, rm_score   mean score of the world's judge (null without one) and of the RM
     kl_to_sft              Monte Carlo: mean over answers of sum_t [log pi(y_t) - log pi_sft(y_t)]
     win_rate_vs_sft        P(gold(answer) > gold(SFT's answer)), ties 1/2, with a 95% CI; SFT plays
-                           a second SFT sample set (~0.5); --judge rm: the RM judges (biased)
+                           a second SFT sample set (~0.5); --judge rm: the RM judges (biased);
+                           --judge module:function: your judge (load_judge), named in
+                           win_rate_judge; its mean score, if pointwise, is judge_score
     end_rate, mean_length  share of answers that emit <|end|>; tokens per answer; and distinct_2:
                            distinct bigrams / all bigrams over the answers (diversity)
     pref_accuracy          --pairs FILE, no judge needed: held-out pairs that the implicit reward
@@ -18,6 +20,8 @@ tutorials/07-beyond.md, "What the evaluation measures"; report.py writes a run's
     python -m nanoalign.evaluate --models rlvr=out/tiny/rlvr/ckpt.pt --verifiable VAL.jsonl
     python -m nanoalign.evaluate --models dpo=DPO.pt --sft SFT.pt --reward_model RM.pt \
         --judge rm --prompts my_data/hh_test.jsonl --pairs my_data/hh_test.jsonl
+    python -m nanoalign.evaluate --models dpo=DPO.pt --sft SFT.pt --reward_model "" \
+        --judge myjudge:prefer --prompts my_data/hh_test.jsonl
 """
 
 import json
@@ -34,12 +38,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record, world
-from nanoalign.data import (DataError, load_prefs, load_prompts,
-                            load_verifiable, read_jsonl, tokenize_pref)
+from nanoalign.batching import tokenize_all, tokenize_pref
+from nanoalign.data import load_prefs, load_prompts, load_verifiable
+from nanoalign.files import DataError, read_jsonl
 from nanoalign.generate import generate, response_logprobs
 from nanoalign.model import GPT
 from nanoalign.rl import (concatenated_logps, load_reward_model, pair_rewards, prompt_text,
-                          response_texts, score_last_token)
+                          response_texts, load_judge, score_last_token)
 from nanoalign.tokenizer import render_chat
 
 
@@ -50,7 +55,7 @@ class EvalConfig:
     reward_model: str = "out/tiny/rm/ckpt.pt"  # reward model for rm_score ("" = skip)
     prompts: str = "data/world/prompts_eval.jsonl"  # held-out prompts
     n_prompts: int = 600  # how many of them
-    judge: str = "gold"  # who judges the win rate: gold (the world's), rm, or none (gold is null)
+    judge: str = "gold"  # who judges the win rate: gold (the world's), rm, none, module:function
     temperature: float = 1.0  # sampling temperature (KL is measured at the same temperature)
     max_new_tokens: int = 96  # at least twice the typical answer length, so "no end" means rambling
     batch_size: int = 100  # prompts per generation batch
@@ -62,8 +67,8 @@ class EvalConfig:
     labels: str = ""  # a labelling tool file (or its .log.jsonl): win rates from people's choices
 
     def validate(self):
-        config.check(self.judge in ("gold", "rm", "none"), "judge",
-                     f"must be gold, rm or none, got {self.judge!r}")
+        config.check(self.judge in ("gold", "rm", "none") or ":" in self.judge, "judge",
+                     f"must be gold, rm, none or module:function, got {self.judge!r}")
         config.check(self.judge != "rm" or self.reward_model, "judge", "needs --reward_model")
         config.check(self.temperature > 0, "temperature", "must be > 0: the KL to SFT is measured "
                      "at the sampling temperature, and at 0 (greedy) the log-probs are undefined")
@@ -111,22 +116,33 @@ def win_rate(a, b):
     return mean_and_ci([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)])
 
 
+def pairwise_win_rate(judge, prompts, answers, baseline) -> tuple[float, float]:
+    """P(answer beats baseline) by a pairwise judge and its 95% CI. Each pair is judged in both
+    orders and the two verdicts averaged: judges, LLMs and people alike, favour one position
+    (Zheng et al. 2023, "Judging LLM-as-a-judge"), and the swap cancels a constant bias."""
+    first, swapped = judge(prompts, answers, baseline), judge(prompts, baseline, answers)
+    return mean_and_ci([(a + 1 - b) / 2 for a, b in zip(first, swapped)])
+
+
 def setup(cfg: EvalConfig) -> SimpleNamespace:
     """What every evaluation shares: SFT's model and tokenizer, the prompts, the RM, the judge."""
     device = common.init_dist(cfg.device).device
     sft_ckpt = record.load_checkpoint(cfg.sft)
     tok = record.checkpoint_tokenizer(sft_ckpt)
     prompts = load_prompts(cfg.prompts)[:cfg.n_prompts]
-    judge = world.gold_scores if cfg.judge == "gold" else None
+    kind, judge = load_judge(cfg.judge) if cfg.judge not in ("rm", "none") else (None, None)
     sft = GPT.from_checkpoint(sft_ckpt, device).eval()
     prompt_ids = [render_chat(tok, m, add_generation_prompt=True)[0] for m in prompts]
     rm = load_reward_model(cfg.reward_model, device) if cfg.reward_model else None
+    # s.judge scores one answer (gold, or yours); s.pairwise compares two
     return SimpleNamespace(cfg=cfg, device=device, tok=tok, sft=sft, prompt_ids=prompt_ids,
-                           prompts=[prompt_text(m) for m in prompts], judge=judge, rm=rm)
+                           prompts=[prompt_text(m) for m in prompts], rm=rm,
+                           judge=judge if kind == "pointwise" else None,
+                           pairwise=judge if kind == "pairwise" else None)
 
 
 def answers_and_scores(s: SimpleNamespace, model, seed: int):
-    """One sampled answer per prompt: (batches, texts, gold scores or None, RM scores or None)."""
+    """One sampled answer per prompt: (batches, texts, judge scores or None, RM scores or None)."""
     batches, texts = sample_answers(s, model, seed)
     gold = s.judge(s.prompts, texts) if s.judge else None
     rm = (torch.cat([score_last_token(s.rm[0], t, m, s.rm[1]) for t, m, _ in batches])
@@ -138,9 +154,9 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
     """models: name -> checkpoint path. Returns name -> metrics."""
     s = setup(cfg)
     # SFT answers are the baseline of every win rate; a second SFT sample set is SFT's own opponent
-    _, _, sft_gold, sft_rm = answers_and_scores(s, s.sft, cfg.seed + 1)
+    _, sft_texts, sft_gold, sft_rm = answers_and_scores(s, s.sft, cfg.seed + 1)
     records = load_prefs(cfg.pairs) if cfg.pairs else []
-    pairs = [tokenize_pref(s.tok, ex, s.sft.config.block_size) for ex in records]
+    pairs = tokenize_all(tokenize_pref, s.tok, records, s.sft.config.block_size)
     sft_pair_logps = pair_logps(s.sft, pairs, s.tok.pad_id, s.device) if pairs else None
     results = {}
     for name, path in tqdm(models.items(), desc="evaluate", dynamic_ncols=True):
@@ -151,17 +167,21 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
               - sequence_logprob_sums(s.sft, batches, cfg.temperature)).mean().item()
         ended = torch.cat([(t[:, P:] == s.tok.end_id).any(1) for t, _, P in batches]).float()
         lengths = torch.cat([mask[:, P:].sum(1) for _, mask, P in batches]).float()
-        r = {"gold_score": sum(gold) / len(gold) if gold else None,
+        score = sum(gold) / len(gold) if gold else None
+        r = {"gold_score": score if cfg.judge == "gold" else None,
+             "judge_score": score if cfg.judge != "gold" else None,
              "rm_score": None if rm is None else rm.mean().item(), "kl_to_sft": kl,
-             "win_rate_vs_sft": None, "win_rate_ci": None, "win_rate_judge": None,
+             "win_rate_vs_sft": None, "win_rate_ci": None,
+             "win_rate_judge": cfg.judge if cfg.judge != "none" else None,
              "end_rate": ended.mean().item(), "mean_length": lengths.mean().item(),
              "distinct_2": distinct_n(texts)}
         if gold:
             r["win_rate_vs_sft"], r["win_rate_ci"] = win_rate(gold, sft_gold)
-            r["win_rate_judge"] = "gold"
         elif cfg.judge == "rm":
             r["win_rate_vs_sft"], r["win_rate_ci"] = win_rate(rm.tolist(), sft_rm.tolist())
-            r["win_rate_judge"] = "rm"
+        elif s.pairwise:
+            r["win_rate_vs_sft"], r["win_rate_ci"] = pairwise_win_rate(s.pairwise, s.prompts,
+                                                                       texts, sft_texts)
         if pairs:  # the implicit reward's ranking; ties (SFT against itself: every pair) count 1/2
             implicit = pair_logps(model, pairs, s.tok.pad_id, s.device) - sft_pair_logps  # (n, 2)
             acc, ci = win_rate(implicit[:, 0].tolist(), implicit[:, 1].tolist())
@@ -173,7 +193,7 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
         chosen, rejected = scores.T.tolist()  # (2, n)
         acc, ci = win_rate(chosen, rejected)
         rm_row = {"pref_accuracy": acc, "pref_accuracy_ci": ci, "pairs": len(pairs)}
-        if s.judge is not None and all("gold_chosen" in r for r in records):
+        if cfg.judge == "gold" and all("gold_chosen" in r for r in records):
             rm_row["gold_agreement_by_kind"] = agreement_by_kind(records, chosen, rejected)
         results["reward_model"] = rm_row
     return results
@@ -181,28 +201,14 @@ def evaluate_models(cfg: EvalConfig, models: dict) -> dict:
 
 def agreement_by_kind(records, rm_chosen, rm_rejected) -> dict:
     """The reward model's agreement with the gold judge on the world's pairs, by what separates
-    the two answers: a question answered right in one only, a story request whose answers mention
-    different numbers of the requested names and places (both need the prompt to judge), and the
-    rest (sentiment, ending, length, repetition: visible in the answer alone). Pairs the judge ties
-    are left out; an RM tie prefers the rejected answer, as in the RM stage's gold agreement."""
+    the two answers in the judge's terms (world.pair_kind). Pairs the judge ties are left out; an
+    RM tie prefers the rejected answer, as in the RM stage's gold agreement."""
     kinds = {}
     for rec, c, r in zip(records, rm_chosen, rm_rejected):
         margin = rec["gold_chosen"] - rec["gold_rejected"]
         if margin == 0:
             continue
-        prompt = prompt_text(rec["prompt"])
-        answer = world.solve(prompt)
-        words = [world.WORD_RE.findall(rec[k].lower()) for k in ("chosen", "rejected")]
-        if answer is not None:
-            # the judge's topic term: right first sentence, else the answer word somewhere
-            credit = [(world.check_answer(answer, rec[k]), answer in w)
-                      for k, w in zip(("chosen", "rejected"), words)]
-            kind = "answer" if credit[0] != credit[1] else "question_other"
-        else:
-            # the judge's topic term: how many requested names, animals and places are mentioned
-            asked = world.requested(prompt)
-            mentioned = [len(asked & set(w)) for w in words]
-            kind = "topic" if mentioned[0] != mentioned[1] else "story_other"
+        kind = world.pair_kind(prompt_text(rec["prompt"]), rec["chosen"], rec["rejected"])
         kinds.setdefault(kind, []).append(((c > r) == (margin > 0), abs(margin)))
     return {k: {"n": len(v), "gold_agreement": sum(a for a, _ in v) / len(v),
                 "mean_abs_margin": sum(m for _, m in v) / len(v)} for k, v in sorted(kinds.items())}

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanoalign.hf_format import read_safetensors
+
 
 @dataclass
 class GPTConfig:
@@ -255,31 +257,12 @@ def set_dropout(model: nn.Module, p: float = 0.0):
 # --------------------------------------------------------------------------------------------
 # GPT-2 weights from a local Hugging Face checkpoint (pytorch_model.bin or model.safetensors)
 
-def read_safetensors(path: str) -> dict:
-    """Minimal reader of the safetensors format: an 8-byte little-endian header length, a JSON
-    header, raw tensors."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "U8": torch.uint8, "BOOL": torch.bool}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = bytearray(f.read())
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, numel = dtypes[meta["dtype"]], math.prod(meta["shape"])
-        offset = meta["data_offsets"][0]
-        t = torch.frombuffer(data, dtype=dtype, count=numel, offset=offset) if numel else \
-            torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(meta["shape"]).clone()
-    return out
-
-
-def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | None = None) -> GPT:
+def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | None = None,
+                         gelu: str = "tanh") -> GPT:
     """Build our GPT from a Hugging Face GPT-2 state dict (with or without the "transformer."
     prefix). n_head is not in the weights: pass it (config.json's "n_head"), or else GPT-2's sizes
-    imply it (64-dim heads)."""
+    imply it (64-dim heads). gelu: "tanh" for GPT-2's own weights, "none" for config.json's
+    activation_function "gelu" (export.py writes that for our exact-GELU models)."""
     # the legacy causal-mask buffers are not weights
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()
           if not k.endswith((".attn.bias", ".attn.masked_bias"))}
@@ -289,7 +272,7 @@ def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | 
     n_pos = sd["wpe.weight"].shape[0]
     n_head = n_head or max(1, n_embd // 64)  # 12, 16, 20, 25 heads: GPT-2 small, medium, large, xl
     cfg = GPTConfig(block_size=block_size or n_pos, vocab_size=vocab, n_layer=n_layer,
-                    n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True, gelu="tanh")
+                    n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True, gelu=gelu)
     assert cfg.block_size <= n_pos, \
         f"block_size {cfg.block_size} > the checkpoint's {n_pos} positions"
     model = GPT(cfg)
@@ -331,11 +314,12 @@ def grow_vocab(model: GPT, n: int) -> GPT:
 
 def load_gpt2(path: str, block_size: int | None = None, n_head: int | None = None) -> GPT:
     """path: a pytorch_model.bin, a model.safetensors, or a directory holding one of them (and
-    config.json)."""
+    config.json, whose n_head and activation_function it follows)."""
+    hf = {}
     if os.path.isdir(path):
-        if n_head is None and os.path.exists(os.path.join(path, "config.json")):
+        if os.path.exists(os.path.join(path, "config.json")):
             with open(os.path.join(path, "config.json")) as f:
-                n_head = json.load(f).get("n_head")
+                hf = json.load(f)
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.exists(os.path.join(path, name)):
                 path = os.path.join(path, name)
@@ -346,4 +330,8 @@ def load_gpt2(path: str, block_size: int | None = None, n_head: int | None = Non
         sd = read_safetensors(path)
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    return gpt2_from_state_dict(sd, block_size, n_head)
+    # HF's "gelu" is the exact GELU; "gelu_new" (GPT-2's) and "gelu_pytorch_tanh" the tanh form
+    gelu = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+    act = hf.get("activation_function", "gelu_new")
+    assert act in gelu, f"{path}: activation_function {act!r} is not a GELU our GPT has"
+    return gpt2_from_state_dict(sd, block_size, n_head or hf.get("n_head"), gelu[act])

@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanoalign import config, machine, record
+from nanoalign import config, machine, plot, record
 from nanoalign.evaluate import (EvalConfig, answers_and_scores, evaluate_models, mean_and_ci,
                                 setup, verifiable_accuracy, win_rate)
 
@@ -145,9 +145,7 @@ def plot_run(run_dir):
     for ax, (stage, keys) in zip(list(axes) if len(panels) > 1 else [axes], panels):
         rows = record.read_metrics(os.path.join(run_dir, stage, "metrics.jsonl"))
         for key in keys:
-            pts = [(r.get("step", r.get("iter")), r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 20 else None)
+            plot.draw(ax, rows, key, label=key, color=None, weight=0)
         ax.set_title(stage)
         ax.set_xlabel("iteration" if stage in ("ppo", "grpo", "rlvr") else "step")
         ax.legend(fontsize=7)

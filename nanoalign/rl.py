@@ -8,12 +8,14 @@ or masked_sum.
 """
 
 import importlib
+import inspect
+import math
 from dataclasses import dataclass
 
 import torch
 
+from nanoalign.batching import concatenated_batch
 from nanoalign.common import all_reduce_sum, autocast
-from nanoalign.data import concatenated_batch
 from nanoalign.generate import (entropy_from_logits, generate, last_true, response_logprobs,
                                 sequence_logps)
 from nanoalign.model import GPT
@@ -219,6 +221,30 @@ def reward_function(spec: str):
         raise ValueError(f"--reward {spec!r}: expected 'rm', 'verifiable', 'gold' or "
                          "'module:function'")
     return getattr(importlib.import_module(module), name)
+
+
+def load_judge(spec: str):
+    """(kind, function) of an evaluation judge: "gold" or "module:function", as reward_function
+    finds it. Two required arguments make a pointwise judge, function(prompts, answers) -> scores
+    (what --reward takes); three a pairwise one, function(prompts, answers_a, answers_b) -> for
+    each prompt 1 (A is better), 0 (B is) or 0.5 (a tie). Prompts and answers are strings."""
+    function = reward_function(spec)
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in inspect.signature(function).parameters.values()
+                if p.kind in positional and p.default is inspect.Parameter.empty]
+    if len(required) not in (2, 3):
+        raise SystemExit(f"--judge {spec}: expected a function of (prompts, answers) or (prompts, "
+                         f"answers_a, answers_b), found one of {len(required)} required arguments")
+    kind = "pointwise" if len(required) == 2 else "pairwise"
+    lo, hi = (-math.inf, math.inf) if kind == "pointwise" else (0.0, 1.0)
+
+    def checked(prompts, *answers):  # one float per prompt, in range, or a clear error
+        values = [float(v) for v in function(prompts, *answers)]
+        if len(values) != len(prompts) or not all(lo <= v <= hi for v in values):
+            raise ValueError(f"judge {spec}: expected {len(prompts)} numbers in [{lo}, {hi}], "
+                             f"one per prompt, found {len(values)}: {values[:5]}")
+        return values
+    return kind, checked
 
 
 def make_scorer(spec: str, reward_model_path: str | None, tok, device):

@@ -31,7 +31,6 @@ With add_generation_prompt=True a final <|assistant|> is appended: the prompt a 
 import argparse
 import base64
 import hashlib
-import json
 import os
 import time
 import warnings
@@ -39,6 +38,9 @@ from collections import Counter, defaultdict
 
 import tiktoken
 from tqdm import tqdm
+
+from nanoalign.hf_format import GPT2_SPLIT_PATTERN, read_bpe_files
+from nanoalign.hf_format import bytes_to_unicode  # noqa: F401 (callers import it from here)
 
 # <|endoftext|> separates pretraining documents; <|pad|> pads (never trained on, distinct from
 # every other token); <|user|>/<|assistant|> open a turn; <|end|> ends every turn and is THE stop
@@ -169,10 +171,6 @@ class Tokenizer:
         return cls(enc, state["name"])
 
 
-GPT2_SPLIT_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
-                      r"""|\s+(?!\S)|\s+""")
-
-
 def with_chat_tokens(name, pat_str, ranks: dict[bytes, int], special: dict[str, int]) -> Tokenizer:
     """A GPT-2-style vocabulary plus our chat tokens: special tokens it already has
     (<|endoftext|>) keep their ids, the others follow its vocabulary (the model's embedding must
@@ -185,57 +183,24 @@ def with_chat_tokens(name, pat_str, ranks: dict[bytes, int], special: dict[str, 
     return Tokenizer(enc, name)
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for every byte in vocab.json/merges.txt (openai/gpt-2
-    encoder.py): printable bytes stand for themselves, the other 68 are shifted to chr(256 + k).
-    Its order is also the order of ranks 0..255."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs, shifted = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + shifted)
-            shifted += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def load_gpt2_files(directory: str) -> Tokenizer:
-    """GPT-2's tokenizer from a local vocab.json + merges.txt (as Hugging Face ships it), no
-    download. The byte tokens take ranks 0..255 in bytes_to_unicode order and merge i takes rank
-    256 + i (what tiktoken's BPE needs: the lower rank merges first); vocab.json's ids must equal
-    those ranks, so the checkpoint's embedding rows line up."""
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    decode = lambda s: bytes(byte_of[c] for c in s)
-    ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}
-    merges_path = os.path.join(directory, "merges.txt")
-    vocab_path = os.path.join(directory, "vocab.json")
-    with open(merges_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.startswith("#version") or not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise ValueError(f"{merges_path}:{line_no}: expected two tokens separated by a "
-                                 f"space, got {line!r}")
-            ranks[decode(parts[0]) + decode(parts[1])] = len(ranks)
-    with open(vocab_path, encoding="utf-8") as f:
-        vocab = json.load(f)
-    special = {t: i for t, i in vocab.items() if t in SPECIAL_TOKENS}
-    for token, i in vocab.items():
-        if token not in special and ranks.get(decode(token)) != i:
-            raise ValueError(f"{vocab_path}: {token!r} has id {i} but rank "
-                             f"{ranks.get(decode(token))} from {merges_path}: the two files do "
-                             "not belong together")
-    both = open(vocab_path, "rb").read() + open(merges_path, "rb").read()
-    digest = hashlib.sha256(both).hexdigest()[:8]
-    return with_chat_tokens(f"gpt2-{len(vocab)}-{digest}", GPT2_SPLIT_PATTERN, ranks, special)
+    """A tokenizer from a local vocab.json + merges.txt (+ tokenizer.json for the split pattern),
+    as Hugging Face ships GPT-2 and as export.py writes ours, no download. vocab.json's ids are the
+    ranks (hf_format.read_bpe_files checks the merges against them)."""
+    ranks, special, pat_str = read_bpe_files(directory, SPECIAL_TOKENS)
+    files = [os.path.join(directory, name) for name in ("vocab.json", "merges.txt")]
+    data = b"".join(open(path, "rb").read() for path in files)
+    # GPT-2's pattern keeps the name GPT-2 directories always had; any other is part of the identity
+    kind = "gpt2" if pat_str == GPT2_SPLIT_PATTERN else "hf"
+    data += pat_str.encode() if kind == "hf" else b""
+    name = f"{kind}-{len(ranks) + len(special)}-{hashlib.sha256(data).hexdigest()[:8]}"
+    return with_chat_tokens(name, pat_str, ranks, special)
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load a .tiktoken file written by save_tokenizer; a directory with GPT-2's vocab.json and
-    merges.txt (offline); or "gpt2" (tiktoken's GPT-2 BPE, from tiktoken's cache: it downloads
-    when the cache is empty)."""
+    """Load a .tiktoken file written by save_tokenizer; a Hugging Face directory with vocab.json
+    and merges.txt (GPT-2's, or one export.py wrote; offline); or "gpt2" (tiktoken's GPT-2 BPE,
+    from tiktoken's cache: it downloads when the cache is empty)."""
     if path == "gpt2":
         base = tiktoken.get_encoding("gpt2")
         return with_chat_tokens("gpt2-chat", base._pat_str, base._mergeable_ranks,

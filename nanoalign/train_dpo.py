@@ -35,7 +35,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record
-from nanoalign.data import load_prefs, load_prompts, tokenize_pref
+from nanoalign.batching import tokenize_all, tokenize_pref
+from nanoalign.data import load_prefs, load_prompts
 from nanoalign.model import GPT, set_dropout
 from nanoalign.rl import (concatenated_logps, load_reward_model, mean_stats, reward_function,
                           rollout_pairs)
@@ -45,7 +46,7 @@ from nanoalign.rl import (concatenated_logps, load_reward_model, mean_stats, rew
 class DPOConfig:
     out_dir: str = "out/tiny/dpo"  # checkpoint, metrics.jsonl and run.json go here
     init: str = "out/tiny/sft/ckpt.pt"  # the SFT checkpoint: the starting policy and the reference
-    # JSONL pairs: {prompt, chosen, rejected} or Anthropic HH
+    # pairs, JSONL or a JSON array: {prompt, chosen, rejected}, TRL's, Anthropic HH (data/README.md)
     data: str = "data/world/prefs_train.jsonl"
     val_data: str = "data/world/prefs_val.jsonl"  # held-out pairs
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping at the first
@@ -79,7 +80,8 @@ class DPOConfig:
     def validate(self):
         config.check(self.beta > 0, "beta", "must be > 0")
         config.check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
-        config.check(self.epochs >= 0, "epochs", "must be >= 0")
+        config.check(self.epochs > 0 or self.online_rounds > 0, "epochs", "0 epochs and 0 "
+                     "online rounds train nothing: set --epochs > 0 or --online_rounds > 0")
         config.check(self.batch_size > 0 and self.grad_accum > 0, "batch_size",
                      "batch_size and grad_accum must be > 0")
         config.check(self.online_judge in ("rm", "gold") or ":" in self.online_judge,
@@ -219,7 +221,7 @@ def train_pass(run: Run, pairs: list, phase: str, first: int, n_steps: int, seed
 
 
 def load_pairs(path, tok, max_len, skip_bad):
-    return [tokenize_pref(tok, ex, max_len) for ex in load_prefs(path, skip_bad)]
+    return tokenize_all(tokenize_pref, tok, load_prefs(path, skip_bad), max_len)
 
 
 def online_pairs(cfg, d, tok, policy, rnd, max_len):
@@ -259,9 +261,11 @@ def train(cfg: DPOConfig):
     run = Run(cfg=cfg, d=d, tok=tok, ddp_policy=common.wrap_ddp(policy, d), policy=policy,
               ref=ref, optimizer=optimizer, log=log, stop=common.StopSignal(d.device),
               val_set=val_set, step=step)
-    # 1. the offline pass: --epochs over the preference pairs
+    # 1. the offline pass: --epochs over the pairs; at least one step, as in the reward model
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
-    offline_steps = int(cfg.epochs * len(train_set) / global_batch) if train_set else 0
+    offline_steps = max(1, int(cfg.epochs * len(train_set) / global_batch)) if train_set else 0
+    if d.master:
+        print(f"DPO on {len(train_set):,} pairs | {offline_steps} offline steps of {global_batch}")
     finished = not offline_steps or train_pass(run, train_set, "offline", 0, offline_steps,
                                                cfg.seed, layout=d)
     # 2. online rounds: fresh pairs from the current policy, labelled by the judge
@@ -281,6 +285,7 @@ def train(cfg: DPOConfig):
         if not train_pass(run, pairs, f"online{rnd}", run.step, n_steps, cfg.seed + 1 + rnd,
                           layout=common.Dist()):
             break
+    config.check(run.step > 0, "online_rounds", "each round was skipped (ties): nothing trained")
     save(run)
     common.cleanup_dist()
     return policy

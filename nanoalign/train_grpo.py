@@ -91,8 +91,11 @@ class GRPOConfig:
     def validate(self):
         config.check(self.estimator in ("grpo", "rloo"), "estimator", "must be 'grpo' or 'rloo'")
         config.check(self.group_size >= 2, "group_size", "a group needs at least 2 responses")
-        config.check(self.prompts_per_iter % self.minibatches == 0, "prompts_per_iter",
-                     f"{self.prompts_per_iter} is not divisible by minibatches {self.minibatches}")
+        n, k = self.prompts_per_iter, self.minibatches
+        config.check(0 < k <= n and n % k == 0, "prompts_per_iter",
+                     f"must be > 0, a multiple of minibatches ({k})")
+        config.check(self.iterations > 0 and self.ppo_epochs > 0, "iterations",
+                     "iterations and ppo_epochs must be > 0")
         config.check(self.loss_norm in ("token", "sequence"), "loss_norm",
                      "must be 'token' or 'sequence'")
         config.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")

@@ -84,14 +84,14 @@ class PPOConfig:
     save_interval: int = 20  # iterations between checkpoints
     seed: int = 0  # sampling and minibatch order (prompts are taken in file order)
     device: str = "auto"  # auto | cpu | cuda
-    # float32 | bfloat16 (autocast; log-probs, losses and the value head in fp32)
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; log-probs, losses, value head in fp32)
     resume: bool = False  # continue from out_dir/ckpt.pt exactly where it stopped
     stop_at: int = 0  # stop with a checkpoint after this iteration (0 = run to the end)
 
     def validate(self):
-        config.check(self.batch_size % self.minibatches == 0, "batch_size",
-                     f"{self.batch_size} is not divisible by minibatches {self.minibatches}")
+        n, k = self.batch_size, self.minibatches
+        config.check(0 < k <= n and n % k == 0, "batch_size",
+                     f"must be > 0, a multiple of minibatches ({k})")
         config.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         config.check(self.reward != "verifiable", "reward", "the verifiable reward needs answers "
                      "per prompt: use python -m nanoalign.train_grpo --reward verifiable")

@@ -6,7 +6,8 @@ Stage 1: pretraining. Next-token prediction on plain text: minimise
     python -m nanoalign.train_pretrain --data data/world/pretrain.txt --out_dir out/tiny/pretrain
     torchrun --standalone --nproc_per_node=2 nanoalign/train_pretrain.py
 
-The text is split into documents at blank lines, each document encoded and followed by
+The text is read as documents (files.read_documents: plain text split at blank lines, or one
+{"text": ...} record per document in .jsonl/.json), each document encoded and followed by
 <|endoftext|>, and the whole stream cached as uint16/uint32 token ids beside the text file. A batch
 is B random windows of block_size + 1 tokens (inputs and targets shifted by one), as in nanoGPT.
 Which windows a step uses depends only on (seed, step), so a resumed run sees exactly the data an
@@ -29,6 +30,7 @@ if __package__ in (None, ""):  # `torchrun nanoalign/train_pretrain.py` runs thi
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record
+from nanoalign.files import read_documents
 from nanoalign.generate import upcast
 from nanoalign.model import GPT, GPTConfig, grow_vocab, load_gpt2
 from nanoalign.tokenizer import load_tokenizer, save_tokenizer, train_bpe
@@ -37,8 +39,9 @@ from nanoalign.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 @dataclass
 class PretrainConfig:
     out_dir: str = "out/tiny/pretrain"  # checkpoint, metrics.jsonl and run.json go here
-    data: str = "data/world/pretrain.txt"  # UTF-8 text; documents separated by blank lines
-    val_data: str = "data/world/pretrain_val.txt"  # held-out text ("" = the last 5% of --data)
+    # UTF-8 text, documents separated by blank lines; or .jsonl/.json with one {"text"} per document
+    data: str = "data/world/pretrain.txt"
+    val_data: str = "data/world/pretrain_val.txt"  # held-out, as --data ("" = the last 5% of it)
     # -log p of each --val_data document under the process that wrote it, where that is known (the
     # built-in world knows): the best achievable validation loss, logged beside it
     val_nll: str = "data/world/pretrain_val_logp.json"
@@ -86,21 +89,22 @@ class PretrainConfig:
 
 
 def get_tokenizer(cfg: PretrainConfig):
-    """Load the tokenizer, or train one on the pretraining text (seconds here) and save it."""
+    """Load the tokenizer, or train one on the pretraining documents (seconds here) and save it.
+    It reads the documents as tokenize_file does, joined by the blank lines of a plain text file."""
     if cfg.tokenizer != "gpt2" and not os.path.exists(cfg.tokenizer):
         print(f"training a {cfg.vocab_size}-token BPE tokenizer on {cfg.data} -> {cfg.tokenizer}")
-        with open(cfg.data, encoding="utf-8") as f:
-            save_tokenizer(train_bpe(f.read(), cfg.vocab_size), cfg.tokenizer)
+        text = "\n\n".join(read_documents(cfg.data))
+        save_tokenizer(train_bpe(text, cfg.vocab_size), cfg.tokenizer)
     return load_tokenizer(cfg.tokenizer)
 
 
 def tokenize_file(path: str, tok) -> np.ndarray:
-    """Encode a text file once into a memmapped token file beside it (keyed by the tokenizer)."""
+    """Encode a file's documents once into a memmapped token file beside it (keyed by the
+    tokenizer)."""
     cache = f"{path}.{tok.name}.bin"
     dtype = np.uint16 if tok.n_vocab < 2**16 else np.uint32
     if not os.path.exists(cache) or os.path.getmtime(cache) < os.path.getmtime(path):
-        with open(path, encoding="utf-8") as f:
-            docs = [d for d in f.read().split("\n\n") if d.strip()]
+        docs = read_documents(path)
         ids = []
         for doc_ids in tok.enc.encode_ordinary_batch(docs):
             ids.extend(doc_ids + [tok.eot_id])  # <|endoftext|> ends every document
@@ -174,6 +178,9 @@ def train(cfg: PretrainConfig):
     val_data = tokenize_file(cfg.val_data, tok) if cfg.val_data else data[int(0.95 * len(data)):]
     if not cfg.val_data:
         data = data[:int(0.95 * len(data))]
+    for name, tokens in (("data", data), ("val_data", val_data)):  # a batch draws whole windows
+        config.check(len(tokens) > cfg.block_size + 1, name, f"{len(tokens):,} tokens: a window "
+                     f"needs block_size + 1 = {cfg.block_size + 1}, and more to choose from")
     lines = reference_losses(val_data, tok, cfg.val_data and cfg.val_nll)
     model = common.with_precision(new_model(cfg, tok).to(d.device), cfg.dtype)
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay)

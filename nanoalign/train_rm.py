@@ -32,7 +32,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record
-from nanoalign.data import load_prefs, load_sft, pad, tokenize_pref, tokenize_sft
+from nanoalign.batching import pad, tokenize_all, tokenize_pref, tokenize_sft
+from nanoalign.data import load_prefs, load_sft
 from nanoalign.model import GPT, set_dropout
 from nanoalign.rl import mean_stats, pair_rewards, score_last_token
 
@@ -41,7 +42,7 @@ from nanoalign.rl import mean_stats, pair_rewards, score_last_token
 class RMConfig:
     out_dir: str = "out/tiny/rm"  # checkpoint, metrics.jsonl and run.json go here
     init: str = "out/tiny/sft/ckpt.pt"  # the SFT checkpoint the reward model starts from
-    # JSONL pairs: {prompt, chosen, rejected} or Anthropic HH
+    # pairs, JSONL or a JSON array: {prompt, chosen, rejected}, TRL's, Anthropic HH (data/README.md)
     data: str = "data/world/prefs_train.jsonl"
     # held-out pairs (with gold_chosen/gold_rejected: the agreement with the gold judge)
     val_data: str = "data/world/prefs_val.jsonl"
@@ -109,7 +110,7 @@ def evaluate_pairs(model, pairs, gold, pad_id, device, batch_size=64):
 @torch.no_grad()
 def reward_offset(model, tok, path, n, max_len, device, batch_size=64):
     """Mean raw reward of the SFT data's reference responses: subtracted, they average 0."""
-    examples = [tokenize_sft(tok, msgs, max_len)[0] for msgs in load_sft(path)[:n]]
+    examples = [ids for ids, _ in tokenize_all(tokenize_sft, tok, load_sft(path)[:n], max_len)]
     model.eval()
     total = 0.0
     for i in range(0, len(examples), batch_size):
@@ -131,9 +132,9 @@ def train(cfg: RMConfig):
     model = common.with_precision(model, cfg.dtype)
     max_len = cfg.max_len or model.config.block_size
     config.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the block_size")
-    train_set = [tokenize_pref(tok, ex, max_len) for ex in load_prefs(cfg.data, cfg.skip_bad)]
+    train_set = tokenize_all(tokenize_pref, tok, load_prefs(cfg.data, cfg.skip_bad), max_len)
     raw_val = load_prefs(cfg.val_data, cfg.skip_bad) if cfg.val_data else []
-    val_set = [tokenize_pref(tok, ex, max_len) for ex in raw_val]
+    val_set = tokenize_all(tokenize_pref, tok, raw_val, max_len)
     val_gold = [(ex["gold_chosen"], ex["gold_rejected"]) for ex in raw_val if "gold_chosen" in ex]
     val_gold = val_gold if len(val_gold) == len(val_set) else None
     global_batch = cfg.batch_size * cfg.grad_accum * d.world

@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # `torchrun nanoalign/train_sft.py` runs this fil
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record
-from nanoalign.data import load_sft, pad, tokenize_sft
+from nanoalign.batching import pad, tokenize_all, tokenize_sft
+from nanoalign.data import load_sft
 from nanoalign.generate import generate, upcast
 from nanoalign.model import GPT, set_dropout
 from nanoalign.tokenizer import render_chat
@@ -37,7 +38,8 @@ from nanoalign.tokenizer import render_chat
 class SFTConfig:
     out_dir: str = "out/tiny/sft"  # checkpoint, metrics.jsonl and run.json go here
     init: str = "out/tiny/pretrain/ckpt.pt"  # the pretrained checkpoint to fine-tune
-    # JSONL: {prompt, response}, {messages} or Alpaca {instruction, input, output}
+    # JSONL or a JSON array: {prompt, response or completion}, {messages}, ShareGPT, Alpaca...
+    # (every shape: data/README.md)
     data: str = "data/world/sft_train.jsonl"
     val_data: str = "data/world/sft_val.jsonl"  # held-out SFT data for the validation loss
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping at the first
@@ -124,9 +126,9 @@ def train(cfg: SFTConfig):
     model = common.with_precision(set_dropout(model, cfg.dropout), cfg.dtype)
     max_len = cfg.max_len or model.config.block_size
     config.check(max_len <= model.config.block_size, "max_len", f"{max_len} > the block_size")
-    train_set = [tokenize_sft(tok, msgs, max_len) for msgs in load_sft(cfg.data, cfg.skip_bad)]
+    train_set = tokenize_all(tokenize_sft, tok, load_sft(cfg.data, cfg.skip_bad), max_len)
     val_msgs = load_sft(cfg.val_data, cfg.skip_bad) if cfg.val_data else []
-    val_set = [tokenize_sft(tok, msgs, max_len) for msgs in val_msgs]
+    val_set = tokenize_all(tokenize_sft, tok, val_msgs, max_len)
     samples = [render_chat(tok, msgs[:-1], add_generation_prompt=True)[0]
                for msgs in val_msgs[:cfg.n_samples]]
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay)

@@ -471,6 +471,22 @@ def gold_scores(prompts: list[str], responses: list[str]) -> list[float]:
     return [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
+def pair_kind(prompt: str, answer_a: str, answer_b: str) -> str:
+    """What separates two answers in the judge's terms: "answer", a question answered right in
+    one only; "topic", a story request whose answers mention different numbers of the requested
+    names, animals and places (both need the prompt to judge); else "question_other" or
+    "story_other" (sentiment, ending, length, repetition: visible in the answer alone)."""
+    answer = solve(prompt)
+    words = [WORD_RE.findall(a.lower()) for a in (answer_a, answer_b)]
+    if answer is not None:
+        # the topic term of a question: a right first sentence, else the answer word somewhere
+        credit = [(check_answer(answer, a), answer in w)
+                  for a, w in zip((answer_a, answer_b), words)]
+        return "answer" if credit[0] != credit[1] else "question_other"
+    mentioned = [len(requested(prompt) & set(w)) for w in words]
+    return "topic" if mentioned[0] != mentioned[1] else "story_other"
+
+
 # ------------------------------------------------------------ the simulated annotator
 TAU = 0.25  # annotator temperature: P(a preferred) = sigmoid((gold_a - gold_b) / TAU)
 

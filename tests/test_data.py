@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from nanoalign.data import (DataError, load_prefs, load_prompts, load_sft, load_verifiable, pad,
-                            read_jsonl, tokenize_pref, tokenize_sft)
+from nanoalign.batching import pad, tokenize_pref, tokenize_sft
+from nanoalign.data import (DataError, load_prefs, load_prompts, load_sft, load_verifiable,
+                            read_jsonl)
 from nanoalign.tokenizer import load_tokenizer, save_tokenizer
 
 Q = "Tell me a story about a dog."

@@ -1,7 +1,7 @@
 """Documentation cannot rot: every `python -m nanoalign.<module> ...` line in a ```bash block of
-README.md and the tutorials runs here, in order, shrunk to seconds (one step, the micro world) and
-pointed at a copy of the micro run instead of out/tiny and data/world. torchrun lines are parsed
-(every flag must exist) but not launched."""
+README.md, the tutorials and docs/ runs here, in order, shrunk to seconds (one step, the micro
+world) and pointed at a copy of the micro run instead of out/tiny and data/world. torchrun lines
+are parsed (every flag must exist) but not launched."""
 
 import dataclasses
 import importlib
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ([ROOT / "README.md", ROOT / "data" / "README.md"]
-        + sorted((ROOT / "tutorials").rglob("*.md")))
+        + sorted((ROOT / "tutorials").rglob("*.md")) + sorted((ROOT / "docs").rglob("*.md")))
 
 # Flags appended to shrink each command to seconds (argparse keeps the last value of a repeated
 # flag).

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from nanoalign import evaluate, record, train_rm
-from nanoalign.data import load_prefs, tokenize_pref
+from nanoalign.batching import tokenize_pref
+from nanoalign.data import load_prefs
 from nanoalign.rl import concatenated_logps, load_reward_model
 from nanoalign.model import GPT
 
@@ -89,3 +90,53 @@ def test_evaluate_measures_and_never_imports_the_report():
     source = Path(evaluate.__file__).read_text()
     imports = re.findall(r"^\s*(?:from|import) +(\S+)(?: +import +(.*))?$", source, re.M)
     assert not [m for m, names in imports if "report" in m or "report" in (names or "")]
+
+
+JUDGES = '''
+CALLS = []
+
+def length(prompts, answers):
+    CALLS.append(list(answers))
+    return [len(a) for a in answers]
+
+def longer(prompts, answers_a, answers_b):
+    return [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
+            for a, b in zip(answers_a, answers_b)]
+
+def always_a(prompts, answers_a, answers_b):
+    return [1] * len(prompts)
+
+def too_few(prompts, answers):
+    return [0.0]
+
+def one_argument(prompts):
+    return []
+'''
+
+
+def test_your_own_judge_pointwise_or_pairwise_gives_the_win_rate_and_is_named(micro_run, tmp_path,
+                                                                              monkeypatch):
+    """--judge module:function: a pointwise judge scores each answer (win rate by the scores, its
+    mean is judge_score); a pairwise one compares two, judged in both orders, so a judge that
+    always says "A" gives exactly 1/2, and "the longer answer wins" gives the pointwise length
+    judge's win rate on the same answers."""
+    (tmp_path / "myjudges.py").write_text(JUDGES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import myjudges
+    sft = str(micro_run / "sft" / "ckpt.pt")
+    args = ["--models", f"dpo={micro_run / 'dpo' / 'ckpt.pt'}", "--sft", sft, "--reward_model", "",
+            "--prompts", str(micro_run / "world" / "prompts_eval.jsonl"), "--n_prompts", "8",
+            "--max_new_tokens", "16"]
+    point = evaluate.main(args + ["--judge", "myjudges:length"])["dpo"]
+    sft_answers, dpo_answers = myjudges.CALLS  # SFT's baseline set first, then the model's
+    by_hand = evaluate.win_rate([len(a) for a in dpo_answers], [len(a) for a in sft_answers])
+    assert point["win_rate_vs_sft"] == by_hand[0] and point["win_rate_judge"] == "myjudges:length"
+    assert point["judge_score"] == sum(map(len, dpo_answers)) / 8 and point["gold_score"] is None
+    pair = evaluate.main(args + ["--judge", "myjudges:longer"])["dpo"]
+    assert pair["win_rate_vs_sft"] == point["win_rate_vs_sft"] and pair["judge_score"] is None
+    biased = evaluate.main(args + ["--judge", "myjudges:always_a"])["dpo"]
+    assert biased["win_rate_vs_sft"] == 0.5 and biased["win_rate_judge"] == "myjudges:always_a"
+    with pytest.raises(ValueError, match="judge myjudges:too_few: expected 8 numbers"):
+        evaluate.main(args + ["--judge", "myjudges:too_few"])
+    with pytest.raises(SystemExit, match="found one of 1 required arguments"):
+        evaluate.main(args + ["--judge", "myjudges:one_argument"])

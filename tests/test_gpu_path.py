@@ -273,16 +273,20 @@ def test_evaluate_refuses_temperature_zero(capsys):
 
 def test_online_dpo_round_of_ties_only_is_skipped_not_divided_by_zero(micro_run, tmp_path,
                                                                       monkeypatch):
+    """The round is skipped; with no offline pass nothing was trained, which stops with an error
+    (no checkpoint identical to its parent)."""
     from nanoalign import record, train_dpo
     (tmp_path / "flatjudge.py").write_text("def flat(prompts, responses):\n"
                                            "    return [0.0 for _ in responses]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    train_dpo.main(["--init", str(micro_run / "sft" / "ckpt.pt"), "--epochs", "0",
-                    "--online_rounds", "1", "--online_pairs", "4", "--batch_size", "2",
-                    "--online_judge", "flatjudge:flat", "--val_data", "", "--max_new_tokens", "8",
-                    "--online_prompts", str(micro_run / "world" / "prompts_rl.jsonl"),
-                    "--out_dir", str(tmp_path / "odpo")])
+    with pytest.raises(ValueError, match="--online_rounds: each round was skipped"):
+        train_dpo.main(["--init", str(micro_run / "sft" / "ckpt.pt"), "--epochs", "0",
+                        "--online_rounds", "1", "--online_pairs", "4", "--batch_size", "2",
+                        "--online_judge", "flatjudge:flat", "--val_data", "",
+                        "--max_new_tokens", "8", "--out_dir", str(tmp_path / "odpo"),
+                        "--online_prompts", str(micro_run / "world" / "prompts_rl.jsonl")])
     assert record.read_metrics(tmp_path / "odpo" / "metrics.jsonl") == []
+    assert not (tmp_path / "odpo" / "ckpt.pt").exists()
 
 
 # ----------------------------------------------------------------------------------- the GPU check

@@ -176,6 +176,13 @@ BUGS = [
     ("DPO reference in fp32, policy in bf16", "nanoalign/train_dpo.py",
      "with torch.no_grad(), common.autocast(device, dtype):", "with torch.no_grad():",
      "test_gpu_path.py::test_dpo_stage_logs_loss_log2_at_its_first_step_in_bf16"),
+    # the way out: Hugging Face's layout
+    ("export keeps nn.Linear's (out, in) for HF's Conv1D", "nanoalign/export.py",
+     "w.t().contiguous() if key.endswith(CONV1D) else w", "w",
+     "test_export.py::test_our_importers_read_the_export_back_to_identical_logits"),
+    ("export folds the RM offset with the wrong sign", "nanoalign/export.py",
+     "c = head.bias.item() - offset", "c = head.bias.item() + offset",
+     "test_export.py::test_reward_model_exports_as_sequence_classifier_with_the_offset_folded"),
 ]
 
 

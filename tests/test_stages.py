@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from nanoalign import common, record
-from nanoalign.data import load_prefs, load_sft, tokenize_pref, tokenize_sft
+from nanoalign.batching import tokenize_pref, tokenize_sft
+from nanoalign.data import load_prefs, load_sft
 from nanoalign.generate import pad_left
 from nanoalign.rl import (concatenated_logps, kl_estimates, load_reward_model, rollout,
                           score_last_token)
