@@ -46,8 +46,13 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         # keep the smallest prefix whose mass reaches top_p
         drop = cum - sorted_logits.softmax(-1) > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: the first token whose cumulative probability passes u ~ U(0, 1), the
+    # same distribution as torch.multinomial from one random number per row, not one per token.
+    # The running sum is fp64, so even a tiny probability keeps its exact share; u is fp32, so
+    # u * total < total and a zero-probability token is never chosen
+    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # (B, 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 
 
 @torch.no_grad()

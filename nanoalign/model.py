@@ -82,7 +82,12 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, S, hs)
         p = self.dropout if self.training else 0.0
-        if attn_mask is None:  # no padding and no cache: the fast fused causal kernel
+        if T == 1 and cache is not None:  # decoding: two batched matmuls beat SDPA at one query
+            # softmax(q k^T / sqrt(hs) + mask) v, the mask an additive bias (B*nh, 1, S) of 0/-inf
+            att = torch.baddbmm(attn_mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                                alpha=1.0 / math.sqrt(k.size(-1)))  # (B*nh, 1, S)
+            y = torch.bmm(att.softmax(-1), v.flatten(0, 1)).view(B, self.n_head, 1, -1)
+        elif attn_mask is None:  # no padding and no cache: the fast fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
@@ -125,6 +130,10 @@ def positions_and_mask(pad_mask, T: int, past: int):
     left padding does not shift positions; pads get position 0 (never read).
     """
     S = pad_mask.size(1)
+    if T == 1:  # decoding, as below in fewer operations: sees the real keys and itself
+        pos = pad_mask[:, :past].sum(1, keepdim=True)  # (B, 1)
+        return pos, torch.cat([pad_mask[:, :past], pad_mask.new_ones(pad_mask.size(0), 1)],
+                              1)[:, None, None]  # (B, 1, 1, S)
     pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
     q_slot = torch.arange(past, S, device=pad_mask.device)[:, None]  # (T, 1)
     k_slot = torch.arange(S, device=pad_mask.device)[None, :]  # (1, S)
@@ -213,6 +222,10 @@ class GPT(nn.Module):
             if pad_mask is None:
                 pad_mask = torch.ones(B, past + T, dtype=torch.bool, device=idx.device)
             pos, attn_mask = positions_and_mask(pad_mask, T, past)
+        if T == 1 and cache is not None:  # the decoding step's mask as a bias, once for all layers
+            bias = torch.zeros(attn_mask.shape, dtype=self.lm_head.weight.dtype, device=idx.device)
+            attn_mask = bias.masked_fill_(~attn_mask, float("-inf")).expand(
+                B, self.config.n_head, 1, -1).reshape(B * self.config.n_head, 1, -1)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):

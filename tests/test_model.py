@@ -196,6 +196,27 @@ def test_pure_sampling_matches_softmax_at_temperature():
     assert chi2 < 16.27  # 3 degrees of freedom, p = 0.001
 
 
+def test_sampling_keeps_tiny_probabilities_and_never_draws_an_impossible_token():
+    """The sampler inverts the cumulative distribution: a token of probability 1e-3 among 1,000
+    must keep its share, and a token of probability 0 (here the last ones, which an fp32 running
+    sum or a u of exactly 1 would reach) must never be drawn."""
+    V_big, n, chunk = 1000, 60_000, 5000
+    logits = torch.zeros(1, V_big)
+    logits[0, 123] = math.log(1e-3 * (V_big - 3) / (1 - 1e-3))  # p(123) = 1e-3 exactly
+    logits[0, -2:] = float("-inf")
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_next(logits.expand(chunk, V_big), 1.0, generator=g)
+                       for _ in range(n // chunk)])
+    assert draws.max() < V_big - 2
+    hits = (draws == 123).sum().item()
+    assert abs(hits - 60) < 4 * math.sqrt(60), hits  # Poisson(60): within 4 standard deviations
+    # the bulk: counts spread as multinomial counts do (chi-square with V - 3 degrees of freedom)
+    counts = torch.bincount(draws, minlength=V_big)[:V_big - 2].double()
+    p = logits[0, :V_big - 2].double().softmax(-1)
+    chi2 = ((counts - n * p) ** 2 / (n * p)).sum().item()
+    assert abs(chi2 - (V_big - 3)) < 5 * math.sqrt(2 * (V_big - 3)), chi2
+
+
 def test_top_k_and_top_p_only_sample_allowed_tokens():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -5.0]]).expand(2000, 5)
     assert sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0)).max() <= 1
