@@ -13,7 +13,7 @@ tutorials/07-beyond.md, "What the evaluation measures"; report.py writes a run's
                            distinct bigrams / all bigrams over the answers (diversity)
     pref_accuracy          --pairs FILE, no judge needed: held-out pairs that the implicit reward
                            log pi/pi_sft ranks right (Rafailov et al. 2023, eq. 5), ties 1/2; RM's
-    human win rate         --labels FILE: from people's choices in the labelling tool's log
+    human win rate         --labels FILE: people's choices in a labelling log; and raters' kappas
 
     python -m nanoalign.evaluate --models sft=out/tiny/sft/ckpt.pt,ppo=out/tiny/ppo/ckpt.pt \
         --sft out/tiny/sft/ckpt.pt --reward_model out/tiny/rm/ckpt.pt --out out/tiny/eval.json
@@ -37,7 +37,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common, config, record, world
+from nanoalign import agreement, common, config, record, world
 from nanoalign.batching import tokenize_all, tokenize_pref
 from nanoalign.data import load_prefs, load_prompts, load_verifiable
 from nanoalign.files import DataError, read_jsonl
@@ -286,6 +286,7 @@ def main(argv=None):
                    else evaluate_models(cfg, models))
     if cfg.labels:
         results["human_labels"] = human_win_rates(cfg.labels)
+        results["rater_agreement"] = agreement.rater_agreement(cfg.labels)
     text = json.dumps(results, indent=1)
     if cfg.out:
         with open(cfg.out, "w") as f:

@@ -10,10 +10,15 @@ must not tell which model wrote it). Press a (A is better), b, t (tie), s (skip)
 Every A/B decision is appended to --out at once, in the preference format that train_rm and
 train_dpo read (prompt, chosen, rejected, plus rater and time); every decision, ties and skips
 included, also goes to <out>.log.jsonl. Ctrl-C, q or a crash lose nothing, and running the same
-command again resumes with the next prompt.
+command again resumes with the next prompt. Many raters at once, in the browser: serve.py.
+
+    python -m nanoalign.label --export data/labels.log.jsonl --out data/voted_prefs.jsonl
+
+turns a decisions log (this tool's or serve.py's) into a preference file by majority vote.
 """
 
 import getpass
+import hashlib
 import json
 import os
 import random
@@ -28,6 +33,7 @@ if __package__ in (None, ""):
 
 from nanoalign import common, config, record
 from nanoalign.data import load_prompts
+from nanoalign.files import DataError, read_jsonl
 from nanoalign.generate import generate
 from nanoalign.rl import response_texts
 from nanoalign.tokenizer import render_chat
@@ -47,6 +53,7 @@ class LabelConfig:
     # sampling and A/B order (prompt k always gets the same answers and order)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    export: str = ""  # a decisions log: write its majority-vote pairs to --out instead of labelling
 
     def validate(self):
         config.check(self.n > 0, "n", "must be > 0")
@@ -60,6 +67,34 @@ KEYS = {"a": "A", "b": "B", "t": "tie", "s": "skip", "q": "quit"}
 def load_model(path, device):
     ckpt = record.load_checkpoint(path, stages=["sft", "ppo", "dpo", "grpo"])
     return record.checkpoint_tokenizer(ckpt), GPT.from_checkpoint(ckpt, device).eval()
+
+
+def load_models(cfg, device):
+    """(tokenizer, [model] or [model, compared model], the source of each of the two answers)."""
+    tok, model = load_model(cfg.ckpt, device)
+    if not cfg.compare:
+        return tok, [model], [cfg.ckpt, cfg.ckpt]
+    other_tok, other = load_model(cfg.compare, device)
+    config.check(other_tok.name == tok.name, "compare", f"tokenizer {other_tok.name} != {tok.name}")
+    return tok, [model, other], [cfg.ckpt, cfg.compare]
+
+
+def pair_id(prompt, answers) -> str:
+    """A pair's name from its content: the same for every rater, file order and restart."""
+    text = json.dumps([prompt, sorted(answers)], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def decision(pair: dict, order: list, choice: str, rater: str) -> dict:
+    """One log line: pair {id, index, prompt, answers, models, gold?} as shown in `order`. A, B
+    and models name the sources (evaluate --labels counts wins by them); the texts let it export."""
+    d = {"pair": pair["id"], "prompt_index": pair["index"], "choice": choice,
+         "A": pair["models"][order[0]], "B": pair["models"][order[1]], "models": pair["models"],
+         "rater": rater, "time": time.time(), "prompt": pair["prompt"],
+         "answers": [pair["answers"][j] for j in order]}
+    if pair.get("gold"):
+        d["gold"] = [pair["gold"][j] for j in order]  # the world's judge, in the shown order
+    return d
 
 
 def two_answers(models, tok, messages, k: int, cfg: LabelConfig, device) -> list[str]:
@@ -96,16 +131,53 @@ def append(path: str, record: dict):
         os.fsync(f.fileno())
 
 
+def export(log_path: str, out_path: str) -> list[dict]:
+    """Majority vote per pair over its raters (each rater's last decision counts): ties and skips
+    cast no vote, and a pair without a strict majority (split, or no A/B vote) is left out."""
+    pairs = {}
+    for line, d in read_jsonl(log_path):
+        if not {"pair", "choice", "rater", "prompt", "answers"} <= d.keys():
+            raise DataError(f"{log_path}:{line}: expected a decision with pair, choice, rater, "
+                            f"prompt and answers, found fields {sorted(d)}")
+        pairs.setdefault(d["pair"], {})[d["rater"]] = d
+    out = []
+    for pid, by_rater in pairs.items():
+        last = list(by_rater.values())[-1]
+        votes = {text: 0 for text in last["answers"]}
+        for d in by_rater.values():
+            if d["choice"] in ("A", "B"):
+                votes[d["answers"][0 if d["choice"] == "A" else 1]] += 1
+        ranked = sorted(votes.items(), key=lambda kv: -kv[1])
+        if len(ranked) < 2 or ranked[0][1] == ranked[1][1]:  # identical answers, or a split vote
+            continue
+        (win, n_win), (lose, n_lose) = ranked
+        # the source and gold score of each text, from the order that rater saw
+        source = dict(zip(last["answers"], [last["A"], last["B"]]))
+        gold = dict(zip(last["answers"], last.get("gold") or []))
+        choices = [d["choice"] for d in by_rater.values()]
+        rec = {"prompt": last["prompt"], "chosen": win, "rejected": lose, "pair": pid,
+               "votes": {"chosen": n_win, "rejected": n_lose, "tie": len(choices) - n_win - n_lose
+                         - choices.count("skip"), "skip": choices.count("skip")},
+               "raters": sorted(by_rater), "chosen_model": source[win],
+               "rejected_model": source[lose]}
+        if gold:
+            rec.update(gold_chosen=gold[win], gold_rejected=gold[lose])
+        out.append(rec)
+    with open(out_path, "w") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in out)
+    return out
+
+
 def main(argv=None):
     cfg = config.parse_config(LabelConfig, argv, __doc__)
+    if cfg.export:
+        config.check(os.path.abspath(cfg.export) != os.path.abspath(cfg.out), "out",
+                     "must differ from --export (the log would be overwritten)")
+        n = len(export(cfg.export, cfg.out))
+        print(f"{n} majority-vote pairs from {cfg.export} written to {cfg.out}")
+        return n
     device = common.init_dist(cfg.device).device
-    tok, model = load_model(cfg.ckpt, device)
-    models, sources = [model], [cfg.ckpt, cfg.ckpt]
-    if cfg.compare:
-        other_tok, other = load_model(cfg.compare, device)
-        config.check(other_tok.name == tok.name, "compare",
-                     f"tokenizer {other_tok.name} != {tok.name}")
-        models, sources = [model, other], [cfg.ckpt, cfg.compare]
+    tok, models, sources = load_models(cfg, device)
     prompts, log_path = load_prompts(cfg.prompts), cfg.out + ".log.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     done = set()
@@ -128,10 +200,11 @@ def main(argv=None):
             choice = "identical" if shown[0] == shown[1] else ask("A, B, tie, skip or quit? ")
             if choice == "quit":
                 break
-            now = time.time()
-            append(log_path, {"prompt_index": k, "choice": choice, "A": sources[order[0]],
-                              "B": sources[order[1]], "models": sources, "rater": rater,
-                              "time": now})
+            pair = {"id": pair_id(prompts[k], answers), "index": k, "prompt": prompts[k],
+                    "answers": answers, "models": sources}
+            d = decision(pair, order, choice, rater)
+            now = d["time"]
+            append(log_path, d)
             if choice in ("A", "B"):
                 win = 0 if choice == "A" else 1
                 append(cfg.out, {"prompt": prompts[k], "chosen": shown[win],

@@ -1,0 +1,223 @@
+"""The label server without a browser (urllib against a server on a free port, in a thread): many
+raters at once lose and interleave nothing, a restart resumes each rater, bad input is refused with
+the log untouched, an unwritable log is reported before the first decision; sampled pairs are
+label.py's. Then the page itself in headless Chromium, where it is installed."""
+
+import contextlib
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from nanoalign import label, serve
+
+
+def write_pairs(path, n=12):
+    """A preference file of n pairs whose chosen answer the gold judge also prefers."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"question {i}?", "chosen": f"good answer {i}",
+                                "rejected": f"bad answer {i}", "gold_chosen": 1.0,
+                                "gold_rejected": 0.0}) + "\n")
+    return str(path)
+
+
+@contextlib.contextmanager
+def running(pairs_file, log, n=100):
+    server = serve.make_server(serve.open_labels(serve.pairs_from_file(pairs_file, n), str(log)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def call(url, body=None, raw=None):
+    """(HTTP status, JSON reply) of a GET, or of a POST of body (as JSON) or raw bytes."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def label_all(base, rater, pick):
+    """Decide every pair the server offers this rater; pick(state) -> choice. [progress seen]."""
+    status, state = call(f"{base}/next?rater={rater}")
+    seen = [state["done"]]
+    while state["pair"]:
+        status, state = call(f"{base}/decide", {"rater": rater, "pair": state["pair"]["id"],
+                                                "choice": pick(state)})
+        assert status == 200, state
+        seen.append(state["done"])
+    return seen
+
+
+def prefers_good(state):
+    return "A" if state["pair"]["A"].startswith("good") else "B"
+
+
+def test_four_raters_at_once_each_decide_every_pair_once_and_no_line_is_lost(tmp_path):
+    pairs, log = write_pairs(tmp_path / "pairs.jsonl", 30), tmp_path / "labels.log.jsonl"
+    cycle = ["A", "B", "tie", "skip"]
+    picks = {"ada": prefers_good, "bob": lambda s: cycle[int(s["pair"]["prompt"][0]["content"]
+                                                              .split()[1][:-1]) % 4],
+             "cy": prefers_good, "dee": lambda s: "B"}
+    progress = {}
+    threads = [threading.Thread(target=lambda r=r, p=p: progress.update({r: label_all(base, r, p)}))
+               for r, p in picks.items()]
+    with running(pairs, log) as base:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    # progress went 0, 1, ..., 30 for each rater, whatever the others did meanwhile
+    assert progress == {r: list(range(31)) for r in picks}
+    lines = log.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line whole: none interleaved
+    assert len(records) == 4 * 30
+    assert len({(d["rater"], d["pair"]) for d in records}) == 4 * 30
+    for d in records:
+        good = d["answers"][0].startswith("good")
+        # A and B name the file's side that was shown there, and gold follows the shown order
+        assert (d["A"], d["B"]) == (("chosen", "rejected") if good else ("rejected", "chosen"))
+        assert d["gold"] == ([1.0, 0.0] if good else [0.0, 1.0])
+        if d["rater"] in ("ada", "cy"):
+            assert d["answers"][0 if d["choice"] == "A" else 1].startswith("good")
+    # A/B order is each rater's own: both orders occur, and two raters differ on some pair
+    firsts = {(d["rater"], d["pair"]): d["A"] for d in records}
+    assert {d["A"] for d in records} == {"chosen", "rejected"}
+    assert any(firsts[("ada", p)] != firsts[("cy", p)] for _, p in firsts)
+
+
+def test_a_restart_resumes_each_rater_with_the_next_pair_they_have_not_decided(tmp_path):
+    pairs, log = write_pairs(tmp_path / "pairs.jsonl"), tmp_path / "labels.log.jsonl"
+    with running(pairs, log) as base:
+        offered = []
+        for _ in range(3):
+            state = call(f"{base}/next?rater=ada")[1]
+            offered.append(state["pair"]["id"])
+            assert call(f"{base}/decide", {"rater": "ada", "pair": offered[-1],
+                                           "choice": "tie"})[0] == 200
+        bob_first = call(f"{base}/next?rater=bob")[1]["pair"]
+        call(f"{base}/decide", {"rater": "bob", "pair": bob_first["id"], "choice": "A"})
+        fourth = call(f"{base}/next?rater=ada")[1]["pair"]
+    with running(pairs, log) as base:
+        ada, bob = call(f"{base}/next?rater=ada")[1], call(f"{base}/next?rater=bob")[1]
+        new = call(f"{base}/next?rater=eve")[1]
+    assert len(set(offered)) == 3 and (ada["done"], bob["done"], new["done"]) == (3, 1, 0)
+    assert ada["pair"] == fourth  # same pair, same A/B order as before the restart
+    assert bob["pair"]["id"] == offered[1] and new["pair"]["id"] == offered[0]
+
+
+def test_bad_input_is_refused_with_a_message_and_the_log_untouched(tmp_path):
+    pairs, log = write_pairs(tmp_path / "pairs.jsonl"), tmp_path / "labels.log.jsonl"
+    with running(pairs, log) as base:
+        pid = call(f"{base}/next?rater=ada")[1]["pair"]["id"]
+        assert call(f"{base}/decide", {"rater": "ada", "pair": pid, "choice": "A"})[0] == 200
+        before = log.read_bytes()
+        cases = {"unknown pair": {"rater": "ada", "pair": "nope", "choice": "A"},
+                 "empty": {"rater": "", "pair": pid, "choice": "A"},
+                 "name": {"rater": "   ", "pair": pid, "choice": "A"},
+                 "must be one of": {"rater": "bob", "pair": pid, "choice": "C"},
+                 "JSON object": ["ada", pid, "A"]}
+        for message, body in cases.items():
+            status, reply = call(f"{base}/decide", body)
+            assert status == 400 and message in reply["error"], (body, reply)
+        status, reply = call(f"{base}/decide", raw=b'{"rater": "ada", "pair": ')
+        assert status == 400 and "not valid JSON" in reply["error"]
+        status, reply = call(f"{base}/next?rater=")
+        assert status == 400 and "name" in reply["error"]
+        status, reply = call(f"{base}/decide", raw=b" " * (serve.MAX_BODY + 1))
+        assert status == 413 and "over" in reply["error"]
+        # the same decision twice (a double click) is not logged twice
+        status, reply = call(f"{base}/decide", {"rater": "ada", "pair": pid, "choice": "B"})
+        assert status == 409 and "already decided" in reply["error"]
+        assert log.read_bytes() == before
+
+
+def test_an_unwritable_log_is_reported_before_the_first_decision(tmp_path):
+    pairs, log = write_pairs(tmp_path / "pairs.jsonl"), tmp_path / "a_directory"
+    log.mkdir()  # root writes anywhere: a directory in the log's place fails for everyone
+    with running(pairs, log) as base:
+        status = call(f"{base}/status")[1]
+        pid = call(f"{base}/next?rater=ada")[1]["pair"]["id"]
+        code, reply = call(f"{base}/decide", {"rater": "ada", "pair": pid, "choice": "A"})
+        progress = call(f"{base}/next?rater=ada")[1]["done"]
+    assert status["writable"] is False and "cannot write the log" in status["error"]
+    assert code == 500 and "not saved" in reply["error"] and progress == 0
+
+
+def test_sampled_pairs_are_label_pys_answers_under_stable_ids(micro_run):
+    ckpt = str(micro_run / "sft" / "ckpt.pt")
+    argv = ["--ckpt", ckpt, "--prompts", str(micro_run / "world" / "prompts_rl.jsonl"),
+            "--n", "3", "--max_new_tokens", "12", "--device", "cpu"]
+    cfg = serve.config.parse_config(serve.ServeConfig, argv)
+    pairs = serve.pairs_from_models(cfg)
+    tok, models, sources = label.load_models(cfg, "cpu")
+    prompts = label.load_prompts(cfg.prompts)
+    for p in pairs:
+        answers = label.two_answers(models, tok, prompts[p["index"]], p["index"], cfg, "cpu")
+        assert p["answers"] == answers and p["models"] == [ckpt, ckpt]
+        assert p["id"] == label.pair_id(prompts[p["index"]], answers[::-1])
+    assert [p["id"] for p in serve.pairs_from_models(cfg)] == [p["id"] for p in pairs]
+
+
+def test_serve_help_lists_each_flag_once(capsys):
+    with pytest.raises(SystemExit):
+        serve.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--pairs", "--ckpt", "--log", "--host", "--port"):
+        assert out.count(f"  {flag} ") == 1, flag
+    with pytest.raises(SystemExit):
+        serve.main(["--pairs", "x.jsonl", "--ckpt", "y.pt"])
+    assert "either --pairs" in capsys.readouterr().err
+
+
+def browser_missing() -> str:
+    """Why the browser test cannot run here ('' = it can)."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium)"
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return "chromium or chromedriver is missing (apt-get install chromium chromium-driver)"
+    return ""
+
+
+@pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "-")
+def test_the_label_page_in_headless_chromium(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    pairs, log = write_pairs(tmp_path / "pairs.jsonl", 5), tmp_path / "labels.log.jsonl"
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        with running(pairs, log) as base:
+            driver.get(base)
+            wait = WebDriverWait(driver, 20)
+            progress = lambda: driver.find_element(By.ID, "progress").text
+            wait.until(lambda d: progress() == "0 / 5")
+            driver.find_element(By.ID, "rater").send_keys("ada\n")
+            wait.until(lambda d: d.find_element(By.ID, "task").is_displayed())
+            shown_a = driver.find_element(By.ID, "A").text
+            driver.find_element(By.TAG_NAME, "body").send_keys("a")
+            wait.until(lambda d: progress() == "1 / 5")
+            assert driver.find_element(By.ID, "error").is_displayed() is False
+    finally:
+        driver.quit()
+    [d] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (d["rater"], d["choice"], d["answers"][0]) == ("ada", "A", shown_a)
