@@ -14,7 +14,9 @@ from nanoalign.batching import tokenize_all, tokenize_pref, tokenize_sft
 from nanoalign.data import DataError, load_prefs, load_prompts, load_sft, load_verifiable
 from nanoalign.files import read_documents, read_jsonl
 from nanoalign.model import GPT, GPTConfig
-from nanoalign.tokenizer import load_tokenizer, save_tokenizer
+from nanoalign.tokenizer import save_tokenizer
+from test_data import tok  # noqa: F401  (a byte-level tokenizer fixture)
+from test_data import write as jsonl
 
 Q, A, B = "Tell me a story about a dog.", "Once upon a time, a dog ran. The end.", "A dog."
 
@@ -41,17 +43,6 @@ def system(c):
     return {"role": "system", "content": c}
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "bytes.tiktoken"
-    save_tokenizer({bytes([i]): i for i in range(256)}, str(path))  # byte-level: no training needed
-    return load_tokenizer(str(path))
-
-
-def jsonl(tmp_path, records, name="data.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return str(path)
 
 
 def array(tmp_path, items, name="data.json"):
