@@ -67,6 +67,27 @@ def answers(model, tok, prompt_ids: list[int], stop: int, cfg: SampleConfig, dev
             for row, m in zip(tokens, mask)]
 
 
+def check_messages(messages) -> list[dict]:
+    """A conversation the model can answer: a list of {role, content} (user and assistant turns,
+    as render_chat takes them) that ends with a user turn; ValueError saying what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages: a non-empty list of {role, content}")
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant")
+                and isinstance(m.get("content"), str)):
+            raise ValueError("messages: each one {role: user|assistant, content: text}")
+    if messages[-1]["role"] != "user":
+        raise ValueError("messages must end with a user turn (the one to answer)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def reply(model, tok, messages: list[dict], cfg: SampleConfig, device) -> str:
+    """The model's next turn after a conversation in the chat template; answers() cuts it from the
+    left to fit block_size - max_new_tokens (the page of serve.py and --chat both answer here)."""
+    ids = render_chat(tok, messages, add_generation_prompt=True)[0]
+    return answers(model, tok, ids, tok.end_id, cfg, device)[0]
+
+
 def chat_loop(models: dict, cfg: SampleConfig, device) -> dict:
     """Multi-turn chat on stdin; every model keeps its own conversation. Returns name -> list of
     its answers."""
@@ -82,8 +103,7 @@ def chat_loop(models: dict, cfg: SampleConfig, device) -> dict:
             continue
         for name, (ckpt, tok, model) in models.items():
             history[name].append({"role": "user", "content": line.strip()})
-            ids = render_chat(tok, history[name], add_generation_prompt=True)[0]
-            text = answers(model, tok, ids, tok.end_id, cfg, device)[0]
+            text = reply(model, tok, history[name], cfg, device)
             history[name].append({"role": "assistant", "content": text})
             said[name].append(text)
             print(f"{name}> {text}")

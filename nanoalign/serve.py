@@ -11,7 +11,8 @@ prompt, from --ckpt, or one from --ckpt and one from --compare). Each rater sees
 B in an order of their own (raters favour the first answer they read), and goes on where they left
 off after a restart. Every decision is appended to --log in label.py's format, so evaluate --labels
 and label --export read it. --host 0.0.0.0 lets anyone on the network write labels: there is no
-authentication (docs/labelling.md).
+authentication (docs/labelling.md). With --ckpt, http://127.0.0.1:8000/chat is sample --chat in
+the browser: --ckpt and --compare side by side, each continuing its own conversation.
 """
 
 import json
@@ -29,11 +30,13 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import common, config, label
+from nanoalign import common, config, label, sample
 from nanoalign.data import load_prefs, load_prompts
 from nanoalign.files import read_jsonl
 
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "label.html")
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+PAGE, CHAT_PAGE = os.path.join(STATIC, "label.html"), os.path.join(STATIC, "chat.html")
+NO_CHAT = "the chat page needs a model: start serve with --ckpt CHECKPOINT (and --compare)"
 MAX_BODY = 64 * 1024  # a decision is ~100 bytes: anything this large is a mistake or an attack
 MAX_NAME = 80  # characters of a rater's name
 CHOICES = ("A", "B", "tie", "skip")
@@ -166,9 +169,44 @@ def decide(s, body) -> tuple[int, dict]:
     return 200, next_pair(s, rater)
 
 
+# ------------------------------------------------------------ the chat page
+def open_chat(cfg: ServeConfig):
+    """The chat page's models {"ckpt": (tok, model), "compare": ...}; None without --ckpt."""
+    if not cfg.ckpt:
+        return None
+    device = common.init_dist(cfg.device).device
+    paths = {"ckpt": cfg.ckpt, **({"compare": cfg.compare} if cfg.compare else {})}
+    settings = sample.SampleConfig(ckpt=cfg.ckpt, compare=cfg.compare, n=1, seed=cfg.seed,
+                                   temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    shown = {"models": paths, "temperature": cfg.temperature, "seed": cfg.seed,
+             "max_new_tokens": cfg.max_new_tokens}
+    # one generation at a time: each has its own KV cache and generator, so two at once would be
+    # correct, but they would share the same cores (or GPU) and the same memory, none faster
+    return SimpleNamespace(models={k: sample.load(p, device)[1:] for k, p in paths.items()},
+                           shown=shown, settings=settings, device=device, lock=threading.Lock())
+
+
+def chat_reply(chat, body) -> tuple[int, dict]:
+    """(HTTP status, reply) for {messages, model}: the answer sample --chat gives to this
+    conversation (same function, settings and seed: the same text)."""
+    if not isinstance(body, dict):
+        return 400, {"error": "expected a JSON object {messages, model}"}
+    if body.get("model") not in chat.models:
+        return 400, {"error": f"model must be one of {', '.join(chat.models)}"}
+    try:
+        messages = sample.check_messages(body.get("messages"))
+    except ValueError as e:
+        return 400, {"error": str(e)}
+    tok, model = chat.models[body["model"]]
+    with chat.lock:
+        answer = sample.reply(model, tok, messages, chat.settings, chat.device)
+    return 200, {"model": body["model"], "answer": answer}
+
+
 # ------------------------------------------------------------ HTTP
 class Handler(BaseHTTPRequestHandler):
-    """GET / (the page), /status, /next?rater=NAME; POST /decide. Replies are JSON but the page."""
+    """GET / (label page), /status, /next?rater=, /chat (chat page), /chat/settings; POST /decide,
+    /chat. Replies are JSON but the pages."""
 
     def reply(self, status: int, obj=None, body: bytes = b"", kind="application/json"):
         body = body or json.dumps(obj).encode()
@@ -184,6 +222,14 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/":
             with open(PAGE, "rb") as f:
                 return self.reply(200, body=f.read(), kind="text/html")
+        if url.path == "/chat":
+            if self.server.chat is None:
+                return self.reply(404, body=NO_CHAT.encode(), kind="text/plain")
+            with open(CHAT_PAGE, "rb") as f:
+                return self.reply(200, body=f.read(), kind="text/html")
+        if url.path == "/chat/settings":
+            chat = self.server.chat
+            return self.reply(*(200, chat.shown) if chat else (404, {"error": NO_CHAT}))
         if url.path == "/status":
             return self.reply(200, log_status(s))
         if url.path == "/next":
@@ -195,8 +241,9 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(404, {"error": f"no page {url.path}"})
 
     def do_POST(self):
-        if urlsplit(self.path).path != "/decide":
-            return self.reply(404, {"error": f"no page {self.path}"})
+        path = urlsplit(self.path).path
+        if path not in ("/decide", "/chat") or (path == "/chat" and self.server.chat is None):
+            return self.reply(404, {"error": NO_CHAT if path == "/chat" else f"no page {path}"})
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -210,16 +257,18 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length))
         except ValueError:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
             return self.reply(400, {"error": "the body is not valid JSON"})
+        if path == "/chat":
+            return self.reply(*chat_reply(self.server.chat, body))
         self.reply(*decide(self.server.labels, body))
 
     def log_message(self, fmt, *args):
         pass  # one line per request would bury the startup message and the errors
 
 
-def make_server(labels: SimpleNamespace, host="127.0.0.1", port=0) -> ThreadingHTTPServer:
-    """A server over these labels (not started: call serve_forever, in a thread for tests)."""
+def make_server(labels: SimpleNamespace, host="127.0.0.1", port=0, chat=None):
+    """A server over labels and chat (open_chat's, or None); serve_forever starts it."""
     server = ThreadingHTTPServer((host, port), Handler)
-    server.labels = labels
+    server.labels, server.chat = labels, chat
     return server
 
 
@@ -230,12 +279,13 @@ def main(argv=None):
         raise SystemExit("no pairs to label (every sampled pair had two identical answers)")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.log)), exist_ok=True)
     labels = open_labels(pairs, cfg.log)
-    server = make_server(labels, cfg.host, cfg.port)
+    server = make_server(labels, cfg.host, cfg.port, open_chat(cfg))
     status = log_status(labels)
     print(status.get("error", f"{len(pairs)} pairs; decisions are appended to {cfg.log}"))
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"--host {cfg.host}: anyone who can reach this machine can write labels")
-    print(f"label at http://{cfg.host}:{server.server_address[1]}/  (Ctrl-C stops)")
+    base = f"http://{cfg.host}:{server.server_address[1]}"
+    print(f"label at {base}/" + (f", chat at {base}/chat" if cfg.ckpt else "") + "  (Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,9 +1,11 @@
 """The label server without a browser (urllib against a server on a free port, in a thread): many
 raters at once lose and interleave nothing, a restart resumes each rater, bad input is refused with
 the log untouched, an unwritable log is reported before the first decision; sampled pairs are
-label.py's. Then the page itself in headless Chromium, where it is installed."""
+label.py's; the chat page answers as sample --chat does. Then both pages in headless Chromium,
+where it is installed."""
 
 import contextlib
+import io
 import json
 import shutil
 import threading
@@ -12,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from nanoalign import label, serve
+from nanoalign import label, sample, serve
 
 
 def write_pairs(path, n=12):
@@ -26,8 +28,9 @@ def write_pairs(path, n=12):
 
 
 @contextlib.contextmanager
-def running(pairs_file, log, n=100):
-    server = serve.make_server(serve.open_labels(serve.pairs_from_file(pairs_file, n), str(log)))
+def running(pairs_file, log, n=100, chat=None):
+    server = serve.make_server(serve.open_labels(serve.pairs_from_file(pairs_file, n), str(log)),
+                               chat=chat)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -192,19 +195,25 @@ def browser_missing() -> str:
     return ""
 
 
-@pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "-")
-def test_the_label_page_in_headless_chromium(tmp_path):
+def chromium():
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1200,800"):
         options.add_argument(arg)
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    return webdriver.Chrome(options=options, service=service)
+
+
+@pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "-")
+def test_the_label_page_in_headless_chromium(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     pairs, log = write_pairs(tmp_path / "pairs.jsonl", 5), tmp_path / "labels.log.jsonl"
-    driver = webdriver.Chrome(options=options, service=service)
+    driver = chromium()
     try:
         with running(pairs, log) as base:
             driver.get(base)
@@ -221,3 +230,101 @@ def test_the_label_page_in_headless_chromium(tmp_path):
         driver.quit()
     [d] = [json.loads(line) for line in log.read_text().splitlines()]
     assert (d["rater"], d["choice"], d["answers"][0]) == ("ada", "A", shown_a)
+
+
+# ------------------------------------------------------------ the chat page
+def open_chat(micro_run, seed=3):
+    """The chat models of `serve --ckpt ppo --compare sft` (short answers, a fixed seed)."""
+    argv = ["--ckpt", str(micro_run / "ppo" / "ckpt.pt"), "--compare",
+            str(micro_run / "sft" / "ckpt.pt"), "--max_new_tokens", "16", "--seed", str(seed),
+            "--device", "cpu"]
+    return serve.open_chat(serve.config.parse_config(serve.ServeConfig, argv))
+
+
+def test_two_turns_with_both_models_are_the_answers_of_sample_chat(micro_run, tmp_path, capsys,
+                                                                    monkeypatch):
+    pairs, log, chat = write_pairs(tmp_path / "pairs.jsonl"), tmp_path / "log", open_chat(micro_run)
+    said = {"ckpt": [], "compare": []}
+    with running(pairs, log, chat=chat) as base:
+        settings = call(f"{base}/chat/settings")[1]
+        conversations = {name: [] for name in said}
+        for text in ("Tell me a story about a cat.", "And then what happened?"):
+            for name, messages in conversations.items():
+                messages.append({"role": "user", "content": text})
+                # the second request carries this model's own first answer
+                status, reply = call(f"{base}/chat", {"messages": messages, "model": name})
+                assert status == 200 and reply["model"] == name, reply
+                messages.append({"role": "assistant", "content": reply["answer"]})
+                said[name].append(reply["answer"])
+    assert settings == {"models": chat.shown["models"], "temperature": 1.0, "seed": 3,
+                        "max_new_tokens": 16}
+    assert all(answer.strip() for answers in said.values() for answer in answers), said
+    # the same two turns typed into `sample --chat` (its own load, same settings and seed)
+    cfg = sample.SampleConfig(max_new_tokens=16, seed=3)
+    models = {name: sample.load(path, "cpu") for name, path in settings["models"].items()}
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me a story about a cat.\n"
+                                                 "And then what happened?\n\n"))
+    assert sample.chat_loop(models, cfg, "cpu") == said
+    # and sample.reply on the whole conversation gives the last answer again
+    tok, model = models["compare"][1:]
+    assert sample.reply(model, tok, conversations["compare"][:-1], cfg, "cpu") == said["compare"][1]
+
+
+def test_bad_chat_requests_are_refused_with_a_message(micro_run, tmp_path):
+    pairs, log = write_pairs(tmp_path / "pairs.jsonl"), tmp_path / "log"
+    hi = {"role": "user", "content": "hi"}
+    cases = {"JSON object": [hi],
+             "model must be one of": {"messages": [hi], "model": "gpt-5"},
+             "non-empty list": {"messages": [], "model": "ckpt"},
+             "list of": {"messages": "hi", "model": "compare"},
+             "each one": {"messages": [{"role": "user"}], "model": "ckpt"},
+             "user|assistant": {"messages": [{"role": "system", "content": "x"}, hi],
+                                "model": "ckpt"},
+             "content: text": {"messages": [{"role": "user", "content": 3}], "model": "ckpt"},
+             "end with a user turn": {"messages": [hi, {"role": "assistant", "content": "yo"}],
+                                      "model": "ckpt"}}
+    with running(pairs, log, chat=open_chat(micro_run)) as base:
+        for message, body in cases.items():
+            status, reply = call(f"{base}/chat", body)
+            assert status == 400 and message in reply["error"], (body, reply)
+        status, reply = call(f"{base}/chat", raw=b'{"messages": [')
+        assert status == 400 and "not valid JSON" in reply["error"]
+        status, reply = call(f"{base}/chat", raw=b" " * (serve.MAX_BODY + 1))
+        assert status == 413 and "over" in reply["error"]
+    # --pairs only: no model to chat with, and the page says what is missing
+    with running(pairs, log) as base:
+        with pytest.raises(urllib.error.HTTPError) as page:
+            urllib.request.urlopen(f"{base}/chat", timeout=30)
+        assert page.value.code == 404 and "--ckpt" in page.value.read().decode()
+        for status, reply in (call(f"{base}/chat/settings"),
+                              call(f"{base}/chat", {"messages": [hi], "model": "ckpt"})):
+            assert status == 404 and "--ckpt" in reply["error"]
+
+
+@pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "-")
+def test_the_chat_page_in_headless_chromium(micro_run, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pairs, log = write_pairs(tmp_path / "pairs.jsonl"), tmp_path / "log"
+    driver = chromium()
+    try:
+        with running(pairs, log, chat=open_chat(micro_run)) as base:
+            driver.get(f"{base}/chat")
+            wait = WebDriverWait(driver, 30)
+            wait.until(lambda d: "seed 3" in d.find_element(By.ID, "settings").text)
+            answered = lambda n: lambda d: all(
+                len(d.find_elements(By.CSS_SELECTOR, f"#pane-{m} .assistant:not(.pending)")) == n
+                for m in ("ckpt", "compare"))
+            for n, text in enumerate(("Tell me a story about a cat.", "And then?"), 1):
+                driver.find_element(By.ID, "message").send_keys(text + "\n")
+                wait.until(answered(n))
+            turns = {m: [e.text for e in driver.find_elements(By.CSS_SELECTOR, f"#pane-{m} .turn")]
+                     for m in ("ckpt", "compare")}
+            assert driver.find_element(By.ID, "error").is_displayed() is False
+            driver.save_screenshot(str(tmp_path / "chat-page.png"))
+    finally:
+        driver.quit()
+    for shown in turns.values():
+        assert [t.split(":")[0] for t in shown] == ["user", "assistant"] * 2
+        assert shown[0] == "user: Tell me a story about a cat." and shown[1] != "assistant: "
