@@ -48,11 +48,11 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # inverse-CDF sampling: the first token whose cumulative probability passes u ~ U(0, 1), the
     # same distribution as torch.multinomial from one random number per row, not one per token.
-    # The running sum is fp64, so even a tiny probability keeps its exact share; u is fp32, so
-    # u * total < total and a zero-probability token is never chosen
+    # In fp64 a tiny probability keeps its share; the sum is scaled to end at exactly 1 > u, so
+    # a zero-probability token (a flat step of the sum) is never chosen
     cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # (B, 1)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf / cdf[:, -1:], u, right=True).squeeze(-1)  # (B,)
 
 
 @torch.no_grad()

@@ -27,12 +27,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record
-from nanoalign.data import load_prompts
+from nanoalign.data import load_prefs, load_prompts
 from nanoalign.files import DataError, read_jsonl
 from nanoalign.generate import generate
 from nanoalign.rl import response_texts
@@ -129,6 +130,34 @@ def append(path: str, record: dict):
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def pairs_from_file(path: str, n: int) -> list[dict]:
+    """Pairs of a preference file; its chosen and rejected become the two 'models', so that
+    evaluate --labels reports how often people agree with the file (with gold where the world
+    wrote it)."""
+    pairs = []
+    for i, rec in enumerate(load_prefs(path)[:n]):
+        answers = [rec["chosen"], rec["rejected"]]
+        gold = [rec["gold_chosen"], rec["gold_rejected"]] if "gold_chosen" in rec else None
+        pairs.append({"id": pair_id(rec["prompt"], answers), "index": i,
+                      "prompt": list(rec["prompt"]), "answers": answers,
+                      "models": ["chosen", "rejected"], "gold": gold})
+    return pairs
+
+
+def pairs_from_models(cfg) -> list[dict]:
+    """Two answers to each of the first n prompts, sampled as label.py samples them (same seed,
+    same answers); a pair of identical answers has nothing to judge and is left out."""
+    device = common.init_dist(cfg.device).device
+    tok, models, sources = load_models(cfg, device)
+    pairs = []
+    for k, prompt in enumerate(tqdm(load_prompts(cfg.prompts)[:cfg.n], desc="sampling pairs")):
+        answers = two_answers(models, tok, prompt, k, cfg, device)
+        if answers[0] != answers[1]:
+            pairs.append({"id": pair_id(prompt, answers), "index": k,
+                          "prompt": list(prompt), "answers": answers, "models": sources})
+    return pairs
 
 
 def export(log_path: str, out_path: str) -> list[dict]:

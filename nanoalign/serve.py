@@ -25,13 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
-from tqdm import tqdm
-
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, label, sample
-from nanoalign.data import load_prefs, load_prompts
 from nanoalign.files import read_jsonl
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -66,41 +63,18 @@ class ServeConfig:
                      "must be > 0 (two greedy answers would be identical)")
 
 
-# ------------------------------------------------------------ the pairs and the log
-def pairs_from_file(path: str, n: int) -> list[dict]:
-    """Pairs of a preference file; its chosen and rejected become the two 'models', so that
-    evaluate --labels reports how often people agree with the file (with gold where the world
-    wrote it)."""
-    pairs = []
-    for i, rec in enumerate(load_prefs(path)[:n]):
-        answers = [rec["chosen"], rec["rejected"]]
-        gold = [rec["gold_chosen"], rec["gold_rejected"]] if "gold_chosen" in rec else None
-        pairs.append({"id": label.pair_id(rec["prompt"], answers), "index": i,
-                      "prompt": list(rec["prompt"]), "answers": answers,
-                      "models": ["chosen", "rejected"], "gold": gold})
-    return pairs
-
-
-def pairs_from_models(cfg: ServeConfig) -> list[dict]:
-    """Two answers to each of the first n prompts, sampled as label.py samples them (same seed,
-    same answers); a pair of identical answers has nothing to judge and is left out."""
-    device = common.init_dist(cfg.device).device
-    tok, models, sources = label.load_models(cfg, device)
-    pairs = []
-    for k, prompt in enumerate(tqdm(load_prompts(cfg.prompts)[:cfg.n], desc="sampling pairs")):
-        answers = label.two_answers(models, tok, prompt, k, cfg, device)
-        if answers[0] != answers[1]:
-            pairs.append({"id": label.pair_id(prompt, answers), "index": k,
-                          "prompt": list(prompt), "answers": answers, "models": sources})
-    return pairs
-
-
+# ------------------------------------------------------------ the log
 def open_labels(pairs: list[dict], log: str) -> SimpleNamespace:
     """The server's state. What each rater decided is read back from the log: a restart resumes."""
     decided = {}  # {rater: {pair id}}
-    if os.path.isfile(log):
-        for _, d in read_jsonl(log):
+    if os.path.isfile(log) and os.path.getsize(log):  # log_status creates it, empty
+        # skip_bad: a line half-written by a crash is warned about, not a reason to stay down
+        for _, d in read_jsonl(log, skip_bad=True):
             decided.setdefault(d.get("rater"), set()).add(d.get("pair"))
+        with open(log, "rb+") as f:  # end a half-written line, or the next decision joins it
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     return SimpleNamespace(pairs=pairs, by_id={p["id"]: p for p in pairs}, log=log,
                            decided=decided, lock=threading.Lock())
 
@@ -204,6 +178,13 @@ def chat_reply(chat, body) -> tuple[int, dict]:
 
 
 # ------------------------------------------------------------ HTTP
+def own_host(header: str, server) -> bool:
+    """DNS rebinding: another site's name can be made to point at 127.0.0.1, so a page of that
+    site would be same-origin. On the loopback address only localhost names are accepted."""
+    host = header.rsplit(":", 1)[0].strip("[]").lower()
+    return server.server_address[0] != "127.0.0.1" or host in ("127.0.0.1", "localhost")
+
+
 class Handler(BaseHTTPRequestHandler):
     """GET / (label page), /status, /next?rater=, /chat (chat page), /chat/settings; POST /decide,
     /chat. Replies are JSON but the pages."""
@@ -244,6 +225,12 @@ class Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path not in ("/decide", "/chat") or (path == "/chat" and self.server.chat is None):
             return self.reply(404, {"error": NO_CHAT if path == "/chat" else f"no page {path}"})
+        # JSON only: a page of another site must ask the browser first (CORS preflight) and this
+        # server never says yes, so no site can post through a rater's browser (CSRF)
+        if self.headers.get_content_type() != "application/json":
+            return self.reply(415, {"error": "send the body as application/json"})
+        if not own_host(self.headers.get("Host", ""), self.server):
+            return self.reply(403, {"error": "this server answers to its own address only"})
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -274,7 +261,7 @@ def make_server(labels: SimpleNamespace, host="127.0.0.1", port=0, chat=None):
 
 def main(argv=None):
     cfg = config.parse_config(ServeConfig, argv, __doc__)
-    pairs = pairs_from_file(cfg.pairs, cfg.n) if cfg.pairs else pairs_from_models(cfg)
+    pairs = label.pairs_from_file(cfg.pairs, cfg.n) if cfg.pairs else label.pairs_from_models(cfg)
     if not pairs:
         raise SystemExit("no pairs to label (every sampled pair had two identical answers)")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.log)), exist_ok=True)

@@ -29,7 +29,7 @@ def write_pairs(path, n=12):
 
 @contextlib.contextmanager
 def running(pairs_file, log, n=100, chat=None):
-    server = serve.make_server(serve.open_labels(serve.pairs_from_file(pairs_file, n), str(log)),
+    server = serve.make_server(serve.open_labels(label.pairs_from_file(pairs_file, n), str(log)),
                                chat=chat)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -40,10 +40,11 @@ def running(pairs_file, log, n=100, chat=None):
         server.server_close()
 
 
-def call(url, body=None, raw=None):
+def call(url, body=None, raw=None, headers=()):
     """(HTTP status, JSON reply) of a GET, or of a POST of body (as JSON) or raw bytes."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data,
+                                     headers={"Content-Type": "application/json", **dict(headers)})
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -143,7 +144,34 @@ def test_bad_input_is_refused_with_a_message_and_the_log_untouched(tmp_path):
         # the same decision twice (a double click) is not logged twice
         status, reply = call(f"{base}/decide", {"rater": "ada", "pair": pid, "choice": "B"})
         assert status == 409 and "already decided" in reply["error"]
+        # what another site's page could send without asking the browser first (CSRF), and a
+        # page reaching the server under another site's name (DNS rebinding)
+        bob = {"rater": "bob", "pair": pid, "choice": "A"}
+        status, reply = call(f"{base}/decide", bob, headers={"Content-Type": "text/plain"})
+        assert status == 415 and "application/json" in reply["error"]
+        status, reply = call(f"{base}/decide", bob, headers={"Host": "attacker.example:8000"})
+        assert status == 403 and "own address" in reply["error"]
         assert log.read_bytes() == before
+
+
+def test_a_restart_after_an_empty_or_half_written_log_still_starts(tmp_path):
+    """Opening the page creates the log empty; a crash can leave half a line: neither may stop
+    the next start, and the whole decisions before it still count."""
+    pairs, log = write_pairs(tmp_path / "pairs.jsonl", 3), tmp_path / "labels.log.jsonl"
+    log.write_text("")
+    with running(pairs, log) as base:
+        pid = call(f"{base}/next?rater=ada")[1]["pair"]["id"]
+        assert call(f"{base}/decide", {"rater": "ada", "pair": pid, "choice": "A"})[0] == 200
+    with open(log, "a") as f:
+        f.write('{"pair": "half')
+    with pytest.warns(UserWarning, match="skipped 1 bad record"):
+        with running(pairs, log) as base:
+            state = call(f"{base}/next?rater=ada")[1]
+            assert state["done"] == 1
+            assert call(f"{base}/decide", {"rater": "ada", "pair": state["pair"]["id"],
+                                           "choice": "B"})[0] == 200
+    last = json.loads(log.read_text().splitlines()[-1])  # not glued to the half line
+    assert (last["rater"], last["pair"], last["choice"]) == ("ada", state["pair"]["id"], "B")
 
 
 def test_an_unwritable_log_is_reported_before_the_first_decision(tmp_path):
@@ -163,14 +191,14 @@ def test_sampled_pairs_are_label_pys_answers_under_stable_ids(micro_run):
     argv = ["--ckpt", ckpt, "--prompts", str(micro_run / "world" / "prompts_rl.jsonl"),
             "--n", "3", "--max_new_tokens", "12", "--device", "cpu"]
     cfg = serve.config.parse_config(serve.ServeConfig, argv)
-    pairs = serve.pairs_from_models(cfg)
+    pairs = label.pairs_from_models(cfg)
     tok, models, sources = label.load_models(cfg, "cpu")
     prompts = label.load_prompts(cfg.prompts)
     for p in pairs:
         answers = label.two_answers(models, tok, prompts[p["index"]], p["index"], cfg, "cpu")
         assert p["answers"] == answers and p["models"] == [ckpt, ckpt]
         assert p["id"] == label.pair_id(prompts[p["index"]], answers[::-1])
-    assert [p["id"] for p in serve.pairs_from_models(cfg)] == [p["id"] for p in pairs]
+    assert [p["id"] for p in label.pairs_from_models(cfg)] == [p["id"] for p in pairs]
 
 
 def test_serve_help_lists_each_flag_once(capsys):
