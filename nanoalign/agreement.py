@@ -61,21 +61,24 @@ def rater_agreement(path: str) -> dict:
     """Per rater: pairs judged and agreement with gold; Cohen's kappa of each two raters; Fleiss'
     kappa (or why not). path: the log, or the file whose <path>.log.jsonl it is."""
     log = path if path.endswith(".log.jsonl") else path + ".log.jsonl"
-    judged, gold = {}, {}  # {pair: {rater: judgement}}, {rater: [agrees with gold]}
+    judged, gold = {}, {}  # {pair: {rater: judgement}}, {rater: {pair: agrees with gold}}
     for _, d in read_jsonl(log):
         pair, rater = d.get("pair", f"prompt {d.get('prompt_index')}"), d.get("rater", "?")
         j = judgement(d)
         judged.setdefault(pair, {}).pop(rater, None)
         if j is not None:
             judged[pair][rater] = j
+        gold.setdefault(rater, {}).pop(pair, None)  # as above: the last decision counts
         g = d.get("gold")
         if j in ("first", "second") and g and g[0] != g[1]:
             won = 0 if d["choice"] == "A" else 1
-            gold.setdefault(rater, []).append(g[won] > g[1 - won])
+            gold[rater][pair] = g[won] > g[1 - won]
     raters = sorted({r for by in judged.values() for r in by})
     out = {"raters": {r: {"judged": sum(r in by for by in judged.values())} for r in raters}}
-    for r, xs in gold.items():
-        out["raters"][r].update(gold_agreement=sum(xs) / len(xs), gold_n=len(xs))
+    for r, by_pair in gold.items():
+        if by_pair:
+            out["raters"][r].update(gold_agreement=sum(by_pair.values()) / len(by_pair),
+                                    gold_n=len(by_pair))
     out["cohen_kappa"] = {}
     for r1, r2 in itertools.combinations(raters, 2):
         both = [by for by in judged.values() if r1 in by and r2 in by]

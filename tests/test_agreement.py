@@ -71,6 +71,15 @@ def test_skips_leave_a_pair_out_of_the_kappas_and_unequal_rater_counts_stop_flei
     assert "gold_n" not in out["raters"]["cy"]  # a tie is no verdict on which answer is better
 
 
+def test_a_rater_who_changes_her_mind_counts_once_with_her_last_decision(tmp_path):
+    """The gold judge prefers M1's answer: ada first agrees, then picks M2's, then skips pair 2
+    after judging it: one verdict counts (the last, wrong), and the skip takes pair 2 out."""
+    lines = [line(1, "ada", 1), line(1, "ada", 2, flip=True), line(2, "ada", 1),
+             line(2, "ada", "skip")]
+    out = agreement.rater_agreement(write(tmp_path / "labels.log.jsonl", lines))
+    assert out["raters"]["ada"] == {"judged": 1, "gold_agreement": 0.0, "gold_n": 1}
+
+
 def test_kappa_is_undefined_not_a_division_by_zero_when_everyone_says_the_same():
     assert agreement.cohen_kappa(["tie"] * 3, ["tie"] * 3) is None
     assert agreement.cohen_kappa(["first", "second"], ["first", "second"]) == 1.0
