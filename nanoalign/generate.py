@@ -30,6 +30,13 @@ def pad_left(prompts: list[list[int]], pad_id: int, device="cpu"):
     return tokens.to(device), mask.to(device)
 
 
+def fit_prompt(ids: list[int], limit: int) -> list[int]:
+    """A prompt cut to its last `limit` tokens, keeping its opening token (<|user|>): the request is
+    at the end, and the conversation must still open as the model was trained (batching._fit
+    cuts files the same way)."""
+    return ids if len(ids) <= limit else ids[:1] + ids[len(ids) - limit + 1:]
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token per row from logits (B, V). temperature 0 = greedy. RL uses pure ancestral
     sampling (top_k=0, top_p=1): any truncation makes the sampled distribution differ from the one

@@ -16,8 +16,8 @@ import torch
 
 from nanoalign.batching import concatenated_batch
 from nanoalign.common import all_reduce_sum, autocast
-from nanoalign.generate import (entropy_from_logits, generate, last_true, response_logprobs,
-                                sequence_logps)
+from nanoalign.generate import (entropy_from_logits, fit_prompt, generate, last_true,
+                                response_logprobs, sequence_logps)
 from nanoalign.model import GPT
 from nanoalign.record import load_checkpoint
 from nanoalign.tokenizer import render_chat
@@ -189,7 +189,7 @@ def rollout_pairs(policy, tok, prompts: list[list[dict]], max_new_tokens, temper
     "chosen". Scored by the reward model `rm` = (model, offset), or by
     `judge(prompt_texts, response_texts) -> scores`. Ties are dropped.
     Returns [(prompt_ids, chosen_ids, rejected_ids)] in the layout tokenize_pref produces."""
-    ids = [render_chat(tok, m, add_generation_prompt=True)[0][-(max_len - max_new_tokens):]
+    ids = [fit_prompt(render_chat(tok, m, add_generation_prompt=True)[0], max_len - max_new_tokens)
            for m in prompts]
     tokens, mask, P = generate(policy, ids + ids, max_new_tokens, tok.end_id, tok.pad_id,
                                temperature, generator=generator)

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record
-from nanoalign.generate import generate
+from nanoalign.generate import fit_prompt, generate
 from nanoalign.tokenizer import render_chat
 from nanoalign.model import GPT
 
@@ -58,8 +58,7 @@ def load(path: str, device: str):
 
 def answers(model, tok, prompt_ids: list[int], stop: int, cfg: SampleConfig, device) -> list[str]:
     """cfg.n sampled continuations of one prompt, as text (the stop token removed)."""
-    # keep the most recent context
-    prompt_ids = prompt_ids[-(model.config.block_size - cfg.max_new_tokens):]
+    prompt_ids = fit_prompt(prompt_ids, model.config.block_size - cfg.max_new_tokens)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     tokens, mask, P = generate(model, [prompt_ids] * cfg.n, cfg.max_new_tokens, stop, tok.pad_id,
                                cfg.temperature, cfg.top_k, cfg.top_p, generator=g)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoalign.generate import (entropy_from_logits, generate, last_true, logprobs_from_logits,
-                                pad_left, response_logprobs, sample_next)
+                                fit_prompt, pad_left, response_logprobs, sample_next)
 from nanoalign.model import GPT, GPTConfig, gpt2_from_state_dict, load_gpt2, positions_and_mask
 
 V, PAD, END = 61, 0, 60
@@ -194,6 +194,12 @@ def test_pure_sampling_matches_softmax_at_temperature():
     p = (logits[0] / T).softmax(-1)
     chi2 = (n * (freq - p) ** 2 / p).sum().item()
     assert chi2 < 16.27  # 3 degrees of freedom, p = 0.001
+
+
+def test_a_long_prompt_keeps_its_opening_token_and_its_most_recent_tokens():
+    ids = [900] + list(range(20))  # 900 stands for <|user|>
+    assert fit_prompt(ids, 30) == ids
+    assert fit_prompt(ids, 6) == [900, 15, 16, 17, 18, 19]
 
 
 def test_sampling_keeps_tiny_probabilities_and_never_draws_an_impossible_token():
