@@ -146,11 +146,12 @@ def pairs_from_file(path: str, n: int) -> list[dict]:
     return pairs
 
 
-def pairs_from_models(cfg) -> list[dict]:
+def pairs_from_models(cfg, loaded=None) -> list[dict]:
     """Two answers to each of the first n prompts, sampled as label.py samples them (same seed,
-    same answers); a pair of identical answers has nothing to judge and is left out."""
+    same answers); a pair of identical answers has nothing to judge and is left out. loaded:
+    load_models' (tok, models, sources), if the caller has them."""
     device = common.init_dist(cfg.device).device
-    tok, models, sources = load_models(cfg, device)
+    tok, models, sources = loaded or load_models(cfg, device)
     pairs = []
     for k, prompt in enumerate(tqdm(load_prompts(cfg.prompts)[:cfg.n], desc="sampling pairs")):
         answers = two_answers(models, tok, prompt, k, cfg, device)

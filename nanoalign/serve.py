@@ -32,7 +32,9 @@ from nanoalign import common, config, label, sample
 from nanoalign.files import read_jsonl
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-PAGE, CHAT_PAGE = os.path.join(STATIC, "label.html"), os.path.join(STATIC, "chat.html")
+# the files served as they are: path -> (file, content type)
+FILES = {"/": ("label.html", "text/html"), "/chat": ("chat.html", "text/html"),
+         "/style.css": ("style.css", "text/css")}
 NO_CHAT = "the chat page needs a model: start serve with --ckpt CHECKPOINT (and --compare)"
 MAX_BODY = 64 * 1024  # a decision is ~100 bytes: anything this large is a mistake or an attack
 MAX_NAME = 80  # characters of a rater's name
@@ -144,11 +146,13 @@ def decide(s, body) -> tuple[int, dict]:
 
 
 # ------------------------------------------------------------ the chat page
-def open_chat(cfg: ServeConfig):
-    """The chat page's models {"ckpt": (tok, model), "compare": ...}; None without --ckpt."""
+def open_chat(cfg: ServeConfig, loaded=None):
+    """The chat page's models {"ckpt": (tok, model), "compare": ...}; None without --ckpt.
+    loaded: label.load_models' (tok, models, sources), when the label page has them already."""
     if not cfg.ckpt:
         return None
     device = common.init_dist(cfg.device).device
+    tok, models, _ = loaded or label.load_models(cfg, device)
     paths = {"ckpt": cfg.ckpt, **({"compare": cfg.compare} if cfg.compare else {})}
     settings = sample.SampleConfig(ckpt=cfg.ckpt, compare=cfg.compare, n=1, seed=cfg.seed,
                                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
@@ -156,7 +160,7 @@ def open_chat(cfg: ServeConfig):
              "max_new_tokens": cfg.max_new_tokens}
     # one generation at a time: each has its own KV cache and generator, so two at once would be
     # correct, but they would share the same cores (or GPU) and the same memory, none faster
-    return SimpleNamespace(models={k: sample.load(p, device)[1:] for k, p in paths.items()},
+    return SimpleNamespace(models={k: (tok, m) for k, m in zip(paths, models)},
                            shown=shown, settings=settings, device=device, lock=threading.Lock())
 
 
@@ -200,14 +204,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         url, s = urlsplit(self.path), self.server.labels
-        if url.path == "/":
-            with open(PAGE, "rb") as f:
-                return self.reply(200, body=f.read(), kind="text/html")
-        if url.path == "/chat":
-            if self.server.chat is None:
-                return self.reply(404, body=NO_CHAT.encode(), kind="text/plain")
-            with open(CHAT_PAGE, "rb") as f:
-                return self.reply(200, body=f.read(), kind="text/html")
+        if url.path == "/chat" and self.server.chat is None:
+            return self.reply(404, body=NO_CHAT.encode(), kind="text/plain")
+        if url.path in FILES:
+            name, kind = FILES[url.path]
+            with open(os.path.join(STATIC, name), "rb") as f:
+                return self.reply(200, body=f.read(), kind=kind)
         if url.path == "/chat/settings":
             chat = self.server.chat
             return self.reply(*(200, chat.shown) if chat else (404, {"error": NO_CHAT}))
@@ -261,12 +263,18 @@ def make_server(labels: SimpleNamespace, host="127.0.0.1", port=0, chat=None):
 
 def main(argv=None):
     cfg = config.parse_config(ServeConfig, argv, __doc__)
-    pairs = label.pairs_from_file(cfg.pairs, cfg.n) if cfg.pairs else label.pairs_from_models(cfg)
+    device = common.init_dist(cfg.device).device
+    # one load of the models serves both pages (a GPT-2-sized pair is seconds and gigabytes)
+    loaded = label.load_models(cfg, device) if cfg.ckpt else None
+    if cfg.pairs:
+        pairs = label.pairs_from_file(cfg.pairs, cfg.n)
+    else:
+        pairs = label.pairs_from_models(cfg, loaded)
     if not pairs:
         raise SystemExit("no pairs to label (every sampled pair had two identical answers)")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.log)), exist_ok=True)
     labels = open_labels(pairs, cfg.log)
-    server = make_server(labels, cfg.host, cfg.port, open_chat(cfg))
+    server = make_server(labels, cfg.host, cfg.port, open_chat(cfg, loaded))
     status = log_status(labels)
     print(status.get("error", f"{len(pairs)} pairs; decisions are appended to {cfg.log}"))
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):

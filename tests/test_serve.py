@@ -201,6 +201,42 @@ def test_sampled_pairs_are_label_pys_answers_under_stable_ids(micro_run):
     assert [p["id"] for p in label.pairs_from_models(cfg)] == [p["id"] for p in pairs]
 
 
+def test_main_loads_each_model_once_and_serves_both_pages_with_their_style(micro_run, tmp_path,
+                                                                          monkeypatch):
+    loads, served = [], {}
+    real_load = label.load_model
+    monkeypatch.setattr(label, "load_model", lambda path, device: loads.append(path)
+                        or real_load(path, device))
+
+    real_make = serve.make_server
+
+    def make_server(*args):
+        server = real_make(*args)
+        forever = server.serve_forever
+
+        def fetch_then_stop():  # stands in for serve_forever: fetch the pages, stop as Ctrl-C does
+            threading.Thread(target=forever, daemon=True).start()
+            base = f"http://127.0.0.1:{server.server_address[1]}"
+            for path in ("/", "/chat", "/style.css"):
+                with urllib.request.urlopen(base + path, timeout=30) as r:
+                    served[path] = (r.headers.get_content_type(), r.read().decode())
+            server.shutdown()
+            raise KeyboardInterrupt
+
+        server.serve_forever = fetch_then_stop
+        return server
+
+    monkeypatch.setattr(serve, "make_server", make_server)
+    ppo, sft = str(micro_run / "ppo" / "ckpt.pt"), str(micro_run / "sft" / "ckpt.pt")
+    serve.main(["--ckpt", ppo, "--compare", sft, "--n", "2", "--max_new_tokens", "8",
+                "--prompts", str(micro_run / "world" / "prompts_rl.jsonl"), "--port", "0",
+                "--log", str(tmp_path / "log.jsonl"), "--device", "cpu"])
+    assert loads == [ppo, sft]  # the label page's pairs and the chat page share one load
+    assert [served[p][0] for p in ("/", "/chat", "/style.css")] == ["text/html"] * 2 + ["text/css"]
+    assert all('href="/style.css"' in served[p][1] for p in ("/", "/chat"))
+    assert "[hidden]" in served["/style.css"][1]  # the rule both pages' scripts rely on
+
+
 def test_serve_help_lists_each_flag_once(capsys):
     with pytest.raises(SystemExit):
         serve.main(["--help"])
