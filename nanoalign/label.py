@@ -14,7 +14,12 @@ command again resumes with the next prompt. Many raters at once, in the browser:
 
     python -m nanoalign.label --export data/labels.log.jsonl --out data/voted_prefs.jsonl
 
-turns a decisions log (this tool's or serve.py's) into a preference file by majority vote.
+turns a decisions log (this tool's or serve.py's) into a preference file by majority vote, and
+
+    python -m nanoalign.label --simulate 6 --pairs data/world/prefs_train.jsonl --n 50
+
+rehearses a class: 6 simulated raters (the world's annotator) label 50 pairs into a log (--out)
+as serve.py would write it, so the steps after labelling can be tried (and measured) without people.
 """
 
 import getpass
@@ -39,6 +44,7 @@ from nanoalign.generate import generate
 from nanoalign.rl import response_texts
 from nanoalign.tokenizer import render_chat
 from nanoalign.model import GPT
+from nanoalign.world import annotate  # tools may know the world; stages never do
 
 
 @dataclass
@@ -55,9 +61,14 @@ class LabelConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     export: str = ""  # a decisions log: write its majority-vote pairs to --out instead of labelling
+    # rehearse a class: this many simulated raters label the first n pairs of --pairs into --out
+    simulate: int = 0
+    pairs: str = ""  # with --simulate: a preference file that carries gold_chosen/gold_rejected
 
     def validate(self):
         config.check(self.n > 0, "n", "must be > 0")
+        config.check(self.simulate >= 0, "simulate", "must be >= 0")
+        config.check(not self.simulate or self.pairs, "pairs", "--simulate needs a pairs file")
         config.check(self.temperature > 0, "temperature",
                      "must be > 0 (two greedy answers would be identical)")
 
@@ -198,8 +209,32 @@ def export(log_path: str, out_path: str) -> list[dict]:
     return out
 
 
+def simulate_class(pairs: list[dict], raters: int, log_path: str, seed: int) -> int:
+    """Each of `raters` simulated raters judges every pair, A and B in an order of their own, by
+    the Bradley-Terry annotator that labelled the built-in world's pairs (world.annotate: the
+    better answer wins with probability sigmoid(gold margin / TAU)); decisions as serve.py logs
+    them. The same seed gives the same log."""
+    for r in range(1, raters + 1):
+        rater, rng = f"sim{r}", random.Random(f"{seed}/sim{r}")
+        for pair in pairs:
+            order = [0, 1] if rng.random() < 0.5 else [1, 0]
+            a_wins = annotate(pair["gold"][order[0]], pair["gold"][order[1]], rng)
+            append(log_path, decision(pair, order, "A" if a_wins else "B", rater))
+    return raters * len(pairs)
+
+
 def main(argv=None):
     cfg = config.parse_config(LabelConfig, argv, __doc__)
+    if cfg.simulate:
+        pairs = pairs_from_file(cfg.pairs, cfg.n)
+        if not pairs or any(p["gold"] is None for p in pairs):
+            raise DataError(f"{cfg.pairs}: --simulate needs pairs with gold_chosen and "
+                            "gold_rejected (the built-in world's prefs_*.jsonl carry them)")
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        n = simulate_class(pairs, cfg.simulate, cfg.out, cfg.seed)
+        print(f"{n} decisions of {cfg.simulate} simulated raters on {len(pairs)} pairs "
+              f"appended to {cfg.out}")
+        return n
     if cfg.export:
         config.check(os.path.abspath(cfg.export) != os.path.abspath(cfg.out), "out",
                      "must differ from --export (the log would be overwritten)")

@@ -98,3 +98,40 @@ def test_a_compare_session_logs_both_models_and_evaluate_reads_its_win_rate(micr
     r = evaluate.human_win_rates(str(out))[f"{ppo} vs {sft}"]
     expected = sum(1.0 if w == ppo else 0.5 if w is None else 0.0 for w in wins) / 3
     assert r["n"] == 3 and abs(r["win_rate"] - expected) < 1e-12
+
+
+def test_a_simulated_class_agrees_with_gold_as_the_annotator_should(tmp_path):
+    """label --simulate: every rater judges every pair once, in an A/B order of their own, and the
+    share of decisions that pick the gold judge's better answer is the Bradley-Terry annotator's
+    expected mean sigmoid(|margin| / TAU), within sampling error."""
+    from nanoalign.world import TAU, sigmoid
+    prefs, log = tmp_path / "prefs.jsonl", tmp_path / "class.log.jsonl"
+    margins = [0.05 * (i % 12) for i in range(400)]  # 0 to 0.55: flip rates from 1/2 to ~1/10
+    with open(prefs, "w") as f:
+        for i, m in enumerate(margins):  # the file's chosen is the gold-worse answer half the time
+            gold = [1.0 + m, 1.0] if i % 2 else [1.0, 1.0 + m]
+            f.write(json.dumps({"prompt": f"q{i}", "chosen": f"x{i}", "rejected": f"y{i}",
+                                "gold_chosen": gold[0], "gold_rejected": gold[1]}) + "\n")
+    n = label.main(["--simulate", "3", "--pairs", str(prefs), "--n", "400", "--out", str(log)])
+    decisions = [json.loads(line) for line in open(log)]
+    assert n == len(decisions) == 1200
+    assert sorted({d["rater"] for d in decisions}) == ["sim1", "sim2", "sim3"]
+    assert all(len({d["pair"] for d in decisions if d["rater"] == r}) == 400
+               for r in ("sim1", "sim2", "sim3"))
+    a_first = sum(d["A"] == "chosen" for d in decisions) / len(decisions)
+    assert 0.45 < a_first < 0.55  # each rater's own random order
+    # the answer picked, by its gold score (as shown: gold[0] is A's)
+    picked = [0 if d["choice"] == "A" else 1 for d in decisions]
+    gold_better = [d["gold"][p] > d["gold"][1 - p] for d, p in zip(decisions, picked)
+                   if d["gold"][0] != d["gold"][1]]
+    expected = sum(sigmoid(m / TAU) for m in margins if m > 0) / sum(m > 0 for m in margins)
+    share = sum(gold_better) / len(gold_better)
+    assert abs(share - expected) < 3 * (expected * (1 - expected) / len(gold_better)) ** 0.5
+    # the same seed gives the same log; pairs without gold are refused with the reason
+    again = tmp_path / "again.jsonl"
+    label.main(["--simulate", "3", "--pairs", str(prefs), "--n", "400", "--out", str(again)])
+    assert [d["choice"] for d in map(json.loads, open(again))] == [d["choice"] for d in decisions]
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match="gold_chosen"):
+        label.main(["--simulate", "2", "--pairs", str(bare), "--out", str(tmp_path / "x")])
