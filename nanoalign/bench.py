@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign import common, rl
-from nanoalign.benchkit import (END, PAD, Bench, measure, new_model, print_table, random_pairs,
-                                random_seqs, train_step)
+from nanoalign.benchkit import (END, PAD, TRL_REFERENCE, Bench, measure, new_model,
+                                peers_side_by_side, print_table, random_pairs, random_seqs,
+                                train_step)
 from nanoalign.generate import generate
 from nanoalign.machine import clock
 from nanoalign.model import GPTConfig
@@ -258,16 +259,23 @@ def main(argv=None):
     add("--compile", action="store_true", help="add torch.compile variants of pretraining")
     add("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
     add("--device", default="auto", help="auto | cpu | cuda")
+    add("--peer_python", default="", help="a Python with TRL: run the TRL peer script beside us, "
+        "alternating, and print the ratios of each round (implies --peers)")
+    add("--peer_script", default="", help="with --peer_python: the TRL benchmark script")
+    add("--rounds", type=int, default=2, help="with --peer_python: rounds of ours, TRL's")
     args = parser.parse_args(argv)
     if set(filter(None, args.only.split(","))) - set(SECTIONS):
         parser.error(f"--only: sections are {','.join(SECTIONS)}")
     given = sys.argv[1:] if argv is None else argv
     args.command = " ".join(["python -m nanoalign.bench", *given])
+    if args.peer_python:
+        return peers_side_by_side(args, run, SECTIONS)
     result = run(args)
     if args.json:
         print(json.dumps(result))
     else:
         print_table(result)
+        print("\n" + TRL_REFERENCE if args.peers else "", end="")
     return result
 
 

@@ -1,13 +1,16 @@
 """
 How bench.py measures: a timer for repeated calls, the rows and the table of timed items (with MFU
-against the machine's peak), and the fixtures it times them on: fresh models of its sizes (a
-BenchConfig) and random tokens.
+against the machine's peak), the fixtures it times them on (fresh models of its sizes, a
+BenchConfig, and random tokens), and the side-by-side run with the TRL peer script.
 """
 
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -137,3 +140,110 @@ def train_step(model, optimizer, loss, grad_clip: float) -> float:
     loss.backward()
     optimizer_step(model, optimizer, grad_clip)
     return loss.item()
+
+
+# ----------------------------------------------------------------------------------- peers
+# Shown with --peers when no --peer_python is given: a reference from another run, never a ratio
+TRL_REFERENCE = ("TRL 1.16 at these sizes, for reference only (2026-12-02, AMD EPYC with "
+                 "AVX512-BF16, 2 cores; another run, so no ratio): SFT 13.0-13.6k tokens/s, RM "
+                 "118-134 pairs/s, DPO 62-76 pairs/s, GRPO 61-69 completions/s, HF generate "
+                 "4.1-4.9k new tokens/s. Ratios: --peer_python PYTHON_WITH_TRL.")
+
+
+# Each of our rows and the figure of the TRL peer script (trl_bench.py) it sits beside: (our item,
+# the script's stage, where the figure is in that stage's results). "raw" is the same HF GPT-2 in
+# a plain PyTorch loop, generation is HF `generate`: no TRL in either, the model code alone.
+PEER_FIGURES = [("pretrain fp32", "raw", ["tokens_per_s"]), ("sft", "sft", ["tokens_per_s"]),
+                ("rm", "rm", ["pairs_per_s"]), ("dpo", "dpo", ["pairs_per_s"]),
+                ("grpo", "grpo", ["completions_per_s"]),
+                ("generate cache sampled", "gen", ["use_cache=True", "new_tokens_per_s"]),
+                ("generate no-cache sampled", "gen", ["use_cache=False", "new_tokens_per_s"])]
+
+
+def run_peer(python: str, script: str, stages: list[str], work: str) -> dict:
+    """One process of the peer script over `stages` (at its default sizes, which are bench
+    --peers'): {stage: the figures of its run}. Its data and scratch files go under `work`. The
+    script takes --stage S..., --results FILE, --data DIR, --work DIR and writes to FILE
+    {"stages": {stage: {"runs": [figures, ...]}}}, figures as PEER_FIGURES reads them."""
+    results = os.path.join(work, "trl.json")
+    if os.path.exists(results):
+        os.remove(results)
+    cmd = [python, script, "--stage", *stages, "--results", results,
+           "--data", os.path.join(work, "data"), "--work", os.path.join(work, "scratch")]
+    print(f"[bench] peer: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the peer script failed ({python} {script}):\n{done.stderr[-2000:]}")
+    with open(results) as f:
+        return {stage: entry["runs"][-1] for stage, entry in json.load(f)["stages"].items()}
+
+
+def peer_figure(runs: dict, stage: str, path: list[str]):
+    value = runs.get(stage)
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def side_by_side(ours, peer, rounds: int) -> dict:
+    """ours() -> a bench result, peer() -> run_peer's figures, alternated (ours first in even
+    rounds, the peer first in odd ones) so that both meet the same drifts of the machine. Every
+    ratio is ours / the peer's within one round: never across rounds or runs."""
+    rounds_seen = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            mine, theirs = ours(), peer()
+        else:
+            theirs = peer()
+            mine = ours()
+        rates = {row["item"]: row["rate"] for row in mine["rows"]}
+        rounds_seen.append({"ours": mine, "trl": theirs, "figures": [
+            {"item": item, "ours": rates[item], "trl": peer_figure(theirs, stage, path)}
+            for item, stage, path in PEER_FIGURES
+            if item in rates and peer_figure(theirs, stage, path)]})
+    table = []
+    for i, fig in enumerate(rounds_seen[0]["figures"]):
+        each = [rs["figures"][i] for rs in rounds_seen]
+        table.append({"item": fig["item"], "ours": [f["ours"] for f in each],
+                      "trl": [f["trl"] for f in each],
+                      "ratio": [f["ours"] / f["trl"] for f in each]})
+    versions = next((run["versions"] for run in rounds_seen[0]["trl"].values()
+                     if "versions" in run), {})
+    return {"rounds": rounds, "trl_versions": versions, "table": table,
+            "ours_last": rounds_seen[-1]["ours"]}
+
+
+def span(xs: list) -> str:
+    return f"{fmt(min(xs))}-{fmt(max(xs))}" if len(xs) > 1 else fmt(xs[0])
+
+
+def print_side_by_side(r: dict):
+    v = r["trl_versions"]
+    print(f"\nSide by side, {r['rounds']} rounds alternating (TRL {v.get('trl', '?')}, "
+          f"transformers {v.get('transformers', '?')}, each round in its own process); ratio = "
+          "ours / TRL's within a round")
+    print(f"{'item':<26}{'ours':>16}{'TRL':>16}{'ratio':>14}")
+    for x in r["table"]:
+        ratio = "-".join(f"{q:.2f}" for q in sorted({min(x["ratio"]), max(x["ratio"])}))
+        print(f"{x['item']:<26}{span(x['ours']):>16}{span(x['trl']):>16}{ratio + 'x':>14}")
+
+
+def peers_side_by_side(args, run, sections) -> dict:
+    """bench --peers (run(args)) and the TRL peer script in turns, each TRL round in its own
+    process; sections: bench's, in order."""
+    if not os.path.exists(args.peer_script):
+        raise SystemExit(f"--peer_script {args.peer_script!r}: no such file (--peer_python needs "
+                         "the TRL benchmark script: docs/speed.md)")
+    args.peers = True
+    stages = {"pretrain": "raw", "generate": "gen", "sft": "sft", "rm": "rm", "dpo": "dpo",
+              "grpo": "grpo"}
+    wanted = [stages[s] for s in (args.only.split(",") if args.only else sections) if s in stages]
+    with tempfile.TemporaryDirectory() as work:
+        result = side_by_side(lambda: run(args), lambda: run_peer(
+            args.peer_python, args.peer_script, wanted, work), args.rounds)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result["ours_last"])
+        print_side_by_side(result)
+    return result

@@ -3,8 +3,11 @@ machine."""
 
 import json
 import math
+import sys
 
-from nanoalign import bench
+import pytest
+
+from nanoalign import bench, benchkit
 from nanoalign.machine import machine_name
 
 
@@ -38,3 +41,50 @@ def test_bench_at_the_peer_sizes_sets_no_peer_figure_beside_ours(capsys):
     assert [r["item"] for r in result["rows"]] == ["rm"]
     assert all(set(r) == set(result["rows"][0]) for r in result["rows"])
     assert "trl" not in result["rows"][0] and not hasattr(bench, "TRL")
+
+
+FAKE_PEER = '''
+import argparse, json, os
+ap = argparse.ArgumentParser()
+ap.add_argument("--stage", nargs="*")
+ap.add_argument("--results")
+ap.add_argument("--data")
+ap.add_argument("--work")
+a = ap.parse_args()
+with open(os.environ["PEER_CALLS"], "a") as f:  # who ran when, and with which stages
+    f.write(json.dumps({"stages": a.stage}) + "\\n")
+n = sum(1 for _ in open(os.environ["PEER_CALLS"]))
+runs = {"rm": {"pairs_per_s": 10.0 * n, "versions": {"trl": "9.9"}},
+        "raw": {"tokens_per_s": 1000.0 * n}}
+json.dump({"stages": {s: {"runs": [runs[s]]} for s in a.stage}}, open(a.results, "w"))
+'''
+
+
+def test_peers_side_by_side_alternates_and_takes_each_ratio_within_its_round(tmp_path, capsys,
+                                                                             monkeypatch):
+    script, calls = tmp_path / "peer.py", tmp_path / "calls.jsonl"
+    script.write_text(FAKE_PEER)
+    monkeypatch.setenv("PEER_CALLS", str(calls))
+    order, real_run = [], bench.run
+    monkeypatch.setattr(bench, "run", lambda args: order.append("ours") or real_run(args))
+    real_peer = benchkit.run_peer
+    monkeypatch.setattr(benchkit, "run_peer", lambda *a: order.append("trl") or real_peer(*a))
+    result = bench.main(["--quick", "--only", "pretrain,rm", "--rounds", "3", "--peer_python",
+                         sys.executable, "--peer_script", str(script)])
+    assert order == ["ours", "trl", "trl", "ours", "ours", "trl"]  # A B, B A, A B
+    assert [json.loads(line)["stages"] for line in open(calls)] == [["raw", "rm"]] * 3
+    table = {row["item"]: row for row in result["table"]}
+    assert set(table) == {"pretrain fp32", "rm"}  # bf16 has no peer figure
+    assert table["rm"]["trl"] == [10.0, 20.0, 30.0]  # the peer's n-th process: 10 n pairs/s
+    for row in table.values():  # ours / the peer's, round by round
+        assert row["ratio"] == [o / t for o, t in zip(row["ours"], row["trl"])]
+    out = capsys.readouterr().out
+    assert "TRL 9.9" in out and "ratio" in out and "for reference only" not in out
+
+
+def test_without_a_peer_python_trl_is_a_reference_line_and_never_a_ratio(capsys):
+    bench.main(["--quick", "--peers", "--only", "rm"])
+    out = capsys.readouterr().out
+    assert "for reference only" in out and "no ratio" in out and "x " not in out.split("\n")[-1]
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.main(["--quick", "--peer_python", sys.executable, "--peer_script", "/no/such.py"])
