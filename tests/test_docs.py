@@ -88,7 +88,8 @@ def docs_run(micro_run, tmp_path_factory):
     (the commands' working directory) what the "your own" sections assume: a GPT-2 directory at
     models/gpt2 (a tiny random stand-in in Hugging Face's layout), my_data/hh.jsonl and
     hh_test.jsonl (Anthropic HH), my_data/text.txt, data/human_prefs.jsonl (as the labelling tool
-    writes it, with its log), and the files the docs show."""
+    writes it, with its log), data/labels.log.jsonl (as the browser tool writes it), and the files
+    the docs show."""
     run = tmp_path_factory.mktemp("docs") / "run"
     shutil.copytree(micro_run, run)
     import json
@@ -119,6 +120,14 @@ def docs_run(micro_run, tmp_path_factory):
                   "models": ["ppo.pt", "sft.pt"]} for i, c in enumerate(["A", "B", "tie", "skip"])]
     log = run.parent / "data" / "human_prefs.jsonl.log.jsonl"
     log.write_text("".join(json.dumps(d) + "\n" for d in decisions))
+    # and what `python -m nanoalign.serve --pairs` writes: two raters on pairs with gold scores
+    from nanoalign import label
+    pairs = label.pairs_from_file(str(run / "world" / "prefs_val.jsonl"), 4)
+    served = [label.decision(p, order, choice, rater)
+              for rater, order in (("ann", [0, 1]), ("bob", [1, 0]))
+              for p, choice in zip(pairs, ["A", "B", "tie", "A"])]
+    (run.parent / "data" / "labels.log.jsonl").write_text(
+        "".join(json.dumps(d) + "\n" for d in served))
     for name, text in documented_files().items():
         (run.parent / name).write_text(text)
     return run
