@@ -12,6 +12,8 @@ from nanoalign.train_ppo import adaptive_kl_update, gae, per_token_rewards, ppo_
 from nanoalign.train_rm import bt_loss
 from nanoalign.train_sft import sft_loss
 
+from grading import close
+
 LOG2 = math.log(2)
 
 
@@ -23,12 +25,14 @@ def test_sft_loss_is_mean_response_token_nll_and_ignores_prompt_labels():
     labels = torch.tensor([[-100, -100, 3, 4, 5, -100], [-100, 7, 8, -100, -100, -100]])
     logp = torch.log_softmax(logits, -1)
     by_hand = -(logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 5] + logp[1, 0, 7] + logp[1, 1, 8]) / 5
-    assert torch.allclose(sft_loss(logits, labels, 5), by_hand, atol=1e-6)
+    close(sft_loss(logits, labels, 5), by_hand, "sft_loss = the summed NLL of the labelled tokens "
+          "(logits at t predict the label at t + 1; -100 is skipped) / n_tokens", atol=1e-6)
     # the label of a prompt position is -100 whatever the token was: changing prompt tokens' targets
     # is impossible, and a pad row adds nothing
     padded_logits = torch.cat([logits, torch.randn(2, 3, 11)], 1)
     padded_labels = torch.cat([labels, torch.full((2, 3), -100)], 1)
-    assert torch.equal(sft_loss(padded_logits, padded_labels, 5), sft_loss(logits, labels, 5))
+    close(sft_loss(padded_logits, padded_labels, 5), sft_loss(logits, labels, 5),
+          "padding labelled -100 changes nothing", atol=0, rtol=0)
 
 
 def test_sft_global_token_normalisation_makes_accumulation_equal_one_big_batch():
@@ -40,7 +44,8 @@ def test_sft_global_token_normalisation_makes_accumulation_equal_one_big_batch()
     n = (labels[:, 1:] != -100).sum()
     full = sft_loss(logits, labels, n)
     split = sft_loss(logits[:2], labels[:2], n) + sft_loss(logits[2:], labels[2:], n)
-    assert torch.allclose(full, split, atol=1e-6)
+    close(split, full, "two micro-batches, each divided by the batch's n_tokens, sum to the loss of "
+          "the whole batch (divide by n_tokens, not by the micro-batch's own count)", atol=1e-6)
     per_micro_mean = (sft_loss(logits[:2], labels[:2], (labels[:2, 1:] != -100).sum())
                       + sft_loss(logits[2:], labels[2:], (labels[2:, 1:] != -100).sum())) / 2
     # the negative control: per-micro-batch means differ
@@ -52,25 +57,33 @@ def test_sft_global_token_normalisation_makes_accumulation_equal_one_big_batch()
 def test_bt_loss_is_log2_at_ties_with_gradient_minus_half_and_zero_accuracy():
     r = torch.tensor([0.3, -1.2], requires_grad=True)
     loss, m = bt_loss(r, r.detach().clone())
-    assert abs(loss.item() - LOG2) < 1e-6 and m["accuracy"] == 0.0
+    close(loss, torch.tensor(LOG2), "bt_loss at a tie = -log sigmoid(0) = log 2", atol=1e-6)
+    assert m["accuracy"] == 0.0, f"a tie is not a correct ranking: accuracy {m['accuracy']}, not 0"
     loss.backward()
     # -0.5 per pair, averaged over 2 pairs
-    assert torch.allclose(r.grad, torch.tensor([-0.25, -0.25]))
+    close(r.grad, torch.tensor([-0.25, -0.25]), "dL/dr_chosen at a tie = -1/2 per pair, averaged "
+          "over the batch of 2")
 
 
 def test_bt_loss_is_shift_invariant_and_antisymmetric():
     c, r = torch.tensor([1.0, 0.2, -0.3]), torch.tensor([0.5, 0.9, -1.0])
-    assert torch.allclose(bt_loss(c + 7, r + 7)[0], bt_loss(c, r)[0])
+    close(bt_loss(c + 7, r + 7)[0], bt_loss(c, r)[0],
+          "only differences count: bt_loss(c + 7, r + 7) = bt_loss(c, r)")
     delta = c - r
-    # L(delta) - L(-delta) = -delta per pair
-    logsigmoid = torch.nn.functional.logsigmoid
-    assert torch.allclose(-logsigmoid(delta) + logsigmoid(-delta), -delta)
-    assert bt_loss(c, r)[1]["accuracy"] + bt_loss(r, c)[1]["accuracy"] == pytest.approx(1.0)
+    close(bt_loss(c, r)[0], -torch.nn.functional.logsigmoid(delta).mean(),
+          "bt_loss = mean over pairs of -log sigmoid(r_chosen - r_rejected)")
+    # L(delta) - L(-delta) = -delta per pair, so -mean(delta) for the batch means
+    close(bt_loss(c, r)[0] - bt_loss(r, c)[0], -delta.mean(),
+          "swapping chosen and rejected: L(delta) - L(-delta) = -delta", atol=1e-6)
+    accuracies = bt_loss(c, r)[1]["accuracy"], bt_loss(r, c)[1]["accuracy"]
+    assert sum(accuracies) == pytest.approx(1.0), \
+        f"swapping chosen and rejected turns accuracy a into 1 - a; got {accuracies}"
 
 
 def test_bt_margin_loss_is_log2_when_difference_equals_margin():
     loss = bt_loss(torch.tensor([2.0]), torch.tensor([1.5]), margin=0.5)[0]
-    assert abs(loss.item() - LOG2) < 1e-6
+    close(loss, torch.tensor(LOG2), "-log sigmoid(r_chosen - r_rejected - margin) with a difference "
+          "equal to the margin = log 2", atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------- DPO
@@ -79,19 +92,24 @@ def test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference():
     lp = torch.tensor([-5.0, -7.0]), torch.tensor([-6.0, -4.0])
     for ls in (0.0, 0.2):
         losses, cr, rr = dpo_loss(lp[0], lp[1], lp[0], lp[1], beta=0.1, label_smoothing=ls)
-        assert (torch.allclose(losses, torch.full((2,), LOG2))
-                and (cr == 0).all() and (rr == 0).all())
+        close(losses, torch.full((2,), LOG2), f"policy = reference: h = 0 and each pair's loss is "
+              f"log 2 (label_smoothing {ls}); h subtracts the reference's log-ratio")
+        close(cr, torch.zeros(2), "implicit reward of the chosen = beta (log pi - log pi_ref) = 0")
+        close(rr, torch.zeros(2), "implicit reward of the rejected = beta (log pi - log pi_ref) = 0")
     ipo, _, _ = dpo_loss(lp[0], lp[1], lp[0], lp[1], beta=0.1, ipo=True)
-    assert torch.allclose(ipo, torch.full((2,), 1 / (4 * 0.1 ** 2)))
+    close(ipo, torch.full((2,), 1 / (4 * 0.1 ** 2)), "IPO at h = 0: (0 - 1 / (2 beta))^2")
 
 
 def test_dpo_gradient_is_minus_and_plus_half_beta_at_init():
     beta = 0.3
     pc, pr = torch.tensor([-5.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
-    losses, _, _ = dpo_loss(pc, pr, pc.detach().clone(), pr.detach().clone(), beta)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, pc.detach().clone(),
+                                                        pr.detach().clone(), beta)
+    assert not (chosen_rewards.requires_grad or rejected_rewards.requires_grad), \
+        "the implicit rewards are statistics: return them detached"
     losses.sum().backward()
-    assert (torch.allclose(pc.grad, torch.tensor([-beta / 2]))
-            and torch.allclose(pr.grad, torch.tensor([beta / 2])))
+    close(pc.grad, torch.tensor([-beta / 2]), "at h = 0, dL/dlog pi(chosen) = -beta/2")
+    close(pr.grad, torch.tensor([beta / 2]), "at h = 0, dL/dlog pi(rejected) = +beta/2")
 
 
 def test_dpo_swap_identity_and_beta_scaling_of_rewards():
@@ -99,32 +117,35 @@ def test_dpo_swap_identity_and_beta_scaling_of_rewards():
     zero = torch.zeros(2)
     l_pos = dpo_loss(h, zero, zero, zero, beta)[0]
     l_neg = dpo_loss(zero, h, zero, zero, beta)[0]
-    assert torch.allclose(l_pos - l_neg, -beta * h, atol=1e-6)
+    close(l_pos - l_neg, -beta * h, "swapping chosen and rejected: L(h) - L(-h) = -beta h",
+          atol=1e-6)
     _, c1, _ = dpo_loss(h, zero, zero, zero, 0.1)
     _, c2, _ = dpo_loss(h, zero, zero, zero, 0.2)
-    assert torch.allclose(c2, 2 * c1)
+    close(c2, 2 * c1, "the implicit reward beta (log pi - log pi_ref) doubles with beta")
 
 
 def test_ipo_and_conservative_dpo_match_their_formulas_and_optima():
     beta, eps, h = 0.25, 0.1, torch.tensor([0.4, 3.0])
     zero = torch.zeros(2)
     ipo = dpo_loss(h, zero, zero, zero, beta, ipo=True)[0]
-    assert torch.allclose(ipo, (h - 1 / (2 * beta)) ** 2)
+    close(ipo, (h - 1 / (2 * beta)) ** 2, "IPO: (h - 1 / (2 beta))^2")
     cdpo = dpo_loss(h, zero, zero, zero, beta, label_smoothing=eps)[0]
     sig = torch.sigmoid(beta * h)
-    assert torch.allclose(cdpo, -(1 - eps) * torch.log(sig) - eps * torch.log(1 - sig), atol=1e-6)
+    close(cdpo, -(1 - eps) * torch.log(sig) - eps * torch.log(1 - sig),
+          "cDPO: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)", atol=1e-6)
     # cDPO's minimiser is finite: h* = log((1 - eps) / eps) / beta
     hs = torch.tensor([math.log((1 - eps) / eps) / beta], requires_grad=True)
     zero = torch.zeros(1)
     dpo_loss(hs, zero, zero, zero, beta, label_smoothing=eps)[0].sum().backward()
-    assert abs(hs.grad.item()) < 1e-6
+    close(hs.grad, torch.zeros(1), "cDPO's gradient vanishes at h* = log((1 - eps) / eps) / beta",
+          atol=1e-6)
 
 
 def test_reference_free_dpo_ignores_reference_logprobs():
     pc, pr = torch.tensor([-2.0]), torch.tensor([-3.0])
     a = dpo_loss(pc, pr, torch.tensor([-9.0]), torch.tensor([-1.0]), 0.1, reference_free=True)[0]
     b = dpo_loss(pc, pr, torch.tensor([0.0]), torch.tensor([5.0]), 0.1, reference_free=True)[0]
-    assert torch.equal(a, b)
+    close(a, b, "reference_free: the reference's log-probs do not enter the loss", atol=0, rtol=0)
 
 
 def test_sequence_logps_sum_response_tokens_only():
@@ -132,7 +153,9 @@ def test_sequence_logps_sum_response_tokens_only():
     logits = torch.randn(1, 5, 7)
     labels = torch.tensor([[-100, -100, 2, 3, -100]])
     logp = torch.log_softmax(logits, -1)
-    assert torch.allclose(sequence_logps(logits, labels), logp[0, 1, 2] + logp[0, 2, 3])
+    close(sequence_logps(logits, labels), (logp[0, 1, 2] + logp[0, 2, 3]).reshape(1),
+          "log pi(y|x) = the sum of the labelled tokens' log-probs (logits at t score the label at "
+          "t + 1); prompt and padding (-100) do not count")
 
 
 # ----------------------------------------------------------------------------------- PPO
