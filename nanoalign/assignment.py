@@ -1,20 +1,18 @@
 """
-The course kit: cut a student copy of this repository in which the functions a chapter sets keep
-their signature and docstring, while their bodies become
-
-    raise NotImplementedError("Chapter 5: implement dpo_loss; see tutorials/05-dpo.md, ...")
-
-and grade it with the repository's own invariant tests (tests/conftest.py marks each grading test
-`chapterN` from the table below, so `python -m pytest -m chapter5` runs exactly them).
+The course kit: a student copy of this repository in which the functions a chapter sets keep their
+signature and docstring while their bodies raise NotImplementedError("Chapter 5: implement
+dpo_loss; see tutorials/05-dpo.md, section 'The math'"), graded by the repository's own invariant
+tests: tests/conftest.py marks each grader `chapterN` from the table below, so `python -m pytest
+-m chapter5` in the copy runs exactly them. docs/teaching.md is the instructor's page.
 
     python -m nanoalign.assignment --list
     python -m nanoalign.assignment --chapters 3,4,5 --out ../pset
     python -m nanoalign.assignment --solve ../pset --chapters 3,4,5     (the instructor's key)
 
-No solution text goes into the copy: the tutorials' answer key (tutorials/solutions/) and the
-seeded-bug table (tests/test_mutations.py, which holds the correct line of many of these functions)
-stay behind, and a tutorial excerpt of a blanked function (a line `<!-- excerpt: file::name -->`
-followed by a ```python block) shows the stub instead. docs/teaching.md is the instructor's page.
+No solution text goes into the copy: not the answer key (tutorials/solutions/), not the seeded
+bugs (tests/test_mutations.py holds the correct line of many of these functions), and a tutorial
+excerpt of a blanked function (`<!-- excerpt: file::name -->`, then a ```python block) shows the
+stub instead.
 """
 
 import argparse
@@ -29,80 +27,67 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The one table: chapter -> (its tutorial, {function "file::name": the tutorial section that
-# derives it}, the tests that grade it, as test_file::test_name under tests/). Graders are fast
-# pure-function tests: a student's loss is checked against its formula and its invariants.
+# The one table: chapter -> (its tutorial, the section that derives its functions, the functions
+# it sets, the tests under tests/ that grade them). Functions and tests are "file::name" words; a
+# bare name belongs to the file named before it. Graders are fast pure-function tests: a student's
+# code against its formula and its invariants.
 CHAPTERS = {
-    1: ("tutorials/01-pretraining.md",
-        {"nanoalign/model.py::KVCache.update": "The code, top to bottom"},
-        ["test_model.py::test_greedy_generation_with_kv_cache_equals_recomputing_the_prefix",
-         "test_model.py::test_cached_decoding_gives_the_full_forward_logits_at_every_step"]),
-    2: ("tutorials/02-sft.md",
-        {"nanoalign/train_sft.py::sft_loss": "The math"},
-        ["test_losses.py::test_sft_loss_is_mean_response_token_nll_and_ignores_prompt_labels",
-         "test_losses.py::"
-         "test_sft_global_token_normalisation_makes_accumulation_equal_one_big_batch"]),
-    3: ("tutorials/03-reward-model.md",
-        {"nanoalign/train_rm.py::bt_loss": "The math",
-         "nanoalign/rl.py::pair_rewards": "The math",
-         "nanoalign/rl.py::score_last_token": "The math"},
-        ["test_losses.py::test_bt_loss_is_log2_at_ties_with_gradient_minus_half_and_zero_accuracy",
-         "test_losses.py::test_bt_loss_is_shift_invariant_and_antisymmetric",
-         "test_losses.py::test_bt_margin_loss_is_log2_when_difference_equals_margin",
-         "test_losses.py::test_pair_rewards_read_each_answer_at_its_last_real_token",
-         "test_losses.py::test_score_last_token_ignores_padding_and_subtracts_the_offset"]),
-    4: ("tutorials/04-ppo.md",
-        {"nanoalign/train_ppo.py::per_token_rewards": "The math",
-         "nanoalign/train_ppo.py::gae": "The math",
-         "nanoalign/rl.py::masked_whiten": "The math",
-         "nanoalign/train_ppo.py::advantages_and_returns": "The math",
-         "nanoalign/rl.py::clipped_surrogate": "The math",
-         "nanoalign/train_ppo.py::ppo_loss": "The math"},
-        ["test_losses.py::"
-         "test_reward_sits_on_the_last_real_token_and_kl_sums_to_the_sequence_log_ratio",
-         "test_losses.py::test_gae_matches_brute_force_and_reward_to_go_when_gamma_lambda_one",
-         "test_losses.py::test_masked_whiten_has_mean_zero_std_one_over_the_mask_only",
-         "test_losses.py::"
-         "test_ppo_returns_are_raw_reward_to_go_computed_before_advantage_whitening",
-         "test_losses.py::test_whitened_rewards_are_scaled_but_keep_their_mean",
-         "test_losses.py::test_first_ppo_step_has_ratio_one_and_no_clipping",
-         "test_losses.py::test_ppo_loss_divides_by_the_given_token_count_and_weighs_the_value_loss",
-         "test_losses.py::test_clipped_objective_has_zero_gradient_beyond_the_clip_range",
-         "test_losses.py::test_value_clipping_is_inactive_inside_the_range",
-         "test_losses.py::test_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors",
-         "test_losses.py::test_clipped_surrogate_is_pessimistic_for_ppo_and_grpo_alike"]),
-    5: ("tutorials/05-dpo.md",
-        {"nanoalign/generate.py::sequence_logps": "The math",
-         "nanoalign/train_dpo.py::dpo_loss": "The math"},
-        ["test_losses.py::test_sequence_logps_sum_response_tokens_only",
-         "test_losses.py::test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference",
-         "test_losses.py::test_dpo_gradient_is_minus_and_plus_half_beta_at_init",
-         "test_losses.py::test_dpo_swap_identity_and_beta_scaling_of_rewards",
-         "test_losses.py::test_ipo_and_conservative_dpo_match_their_formulas_and_optima",
-         "test_losses.py::test_reference_free_dpo_ignores_reference_logprobs"]),
-    6: ("tutorials/06-grpo-rloo.md",
-        {"nanoalign/train_grpo.py::group_advantages": "The math",
-         "nanoalign/train_grpo.py::clipped_policy_loss": "The math",
-         "nanoalign/rl.py::kl_estimates": "The math"},
-        ["test_grpo.py::test_group_advantages_sum_to_zero_without_std_and_for_rloo",
-         "test_grpo.py::test_rloo_baseline_excludes_the_sample_itself",
-         "test_grpo.py::test_grpo_normalises_by_the_group_std",
-         "test_grpo.py::"
-         "test_a_group_with_identical_rewards_has_zero_advantage_and_zero_policy_gradient",
-         "test_grpo.py::"
-         "test_first_update_has_ratio_one_and_token_vs_sequence_normalisation_differ_by_length",
-         "test_grpo.py::test_k3_in_the_loss_has_the_gradient_of_reverse_kl_ref_to_policy",
-         "test_losses.py::test_kl_is_zero_when_policy_equals_reference_and_k3_is_nonnegative",
-         "test_losses.py::test_k1_and_k3_are_unbiased_for_kl_on_an_enumerated_distribution",
-         "test_losses.py::test_k2_is_half_the_squared_log_ratio",
-         "test_losses.py::test_clipped_surrogate_is_pessimistic_for_ppo_and_grpo_alike"]),
-    7: ("tutorials/07-beyond.md",
-        {"nanoalign/train_distill.py::distill_loss": "Knowledge distillation"},
-        ["test_distill.py::"
-         "test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_teacher",
-         "test_distill.py::test_hard_term_is_the_cross_entropy_of_the_teachers_tokens",
-         "test_distill.py::test_the_loss_is_divided_by_the_given_token_count_and_ignores_padding",
-         "test_distill.py::test_only_the_student_gets_gradients"]),
+    1: ("tutorials/01-pretraining.md", "The code, top to bottom",
+        "nanoalign/model.py::KVCache.update",
+        "test_model.py::test_greedy_generation_with_kv_cache_equals_recomputing_the_prefix "
+        "test_cached_decoding_gives_the_full_forward_logits_at_every_step"),
+    2: ("tutorials/02-sft.md", "The math", "nanoalign/train_sft.py::sft_loss",
+        "test_losses.py::test_sft_loss_is_mean_response_token_nll_and_ignores_prompt_labels "
+        "test_sft_global_token_normalisation_makes_accumulation_equal_one_big_batch"),
+    3: ("tutorials/03-reward-model.md", "The math",
+        "nanoalign/train_rm.py::bt_loss nanoalign/rl.py::pair_rewards score_last_token",
+        "test_losses.py::test_bt_loss_is_log2_at_ties_with_gradient_minus_half_and_zero_accuracy "
+        "test_bt_loss_is_shift_invariant_and_antisymmetric "
+        "test_bt_margin_loss_is_log2_when_difference_equals_margin "
+        "test_pair_rewards_read_each_answer_at_its_last_real_token "
+        "test_score_last_token_ignores_padding_and_subtracts_the_offset"),
+    4: ("tutorials/04-ppo.md", "The math",
+        "nanoalign/train_ppo.py::per_token_rewards gae advantages_and_returns ppo_loss "
+        "nanoalign/rl.py::masked_whiten clipped_surrogate",
+        "test_losses.py::"
+        "test_reward_sits_on_the_last_real_token_and_kl_sums_to_the_sequence_log_ratio "
+        "test_gae_matches_brute_force_and_reward_to_go_when_gamma_lambda_one "
+        "test_masked_whiten_has_mean_zero_std_one_over_the_mask_only "
+        "test_ppo_returns_are_raw_reward_to_go_computed_before_advantage_whitening "
+        "test_whitened_rewards_are_scaled_but_keep_their_mean "
+        "test_first_ppo_step_has_ratio_one_and_no_clipping "
+        "test_ppo_loss_divides_by_the_given_token_count_and_weighs_the_value_loss "
+        "test_clipped_objective_has_zero_gradient_beyond_the_clip_range "
+        "test_value_clipping_is_inactive_inside_the_range "
+        "test_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors "
+        "test_clipped_surrogate_is_pessimistic_for_ppo_and_grpo_alike"),
+    5: ("tutorials/05-dpo.md", "The math",
+        "nanoalign/generate.py::sequence_logps nanoalign/train_dpo.py::dpo_loss",
+        "test_losses.py::test_sequence_logps_sum_response_tokens_only "
+        "test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference "
+        "test_dpo_gradient_is_minus_and_plus_half_beta_at_init "
+        "test_dpo_swap_identity_and_beta_scaling_of_rewards "
+        "test_ipo_and_conservative_dpo_match_their_formulas_and_optima "
+        "test_reference_free_dpo_ignores_reference_logprobs"),
+    6: ("tutorials/06-grpo-rloo.md", "The math",
+        "nanoalign/rl.py::kl_estimates "
+        "nanoalign/train_grpo.py::group_advantages clipped_policy_loss",
+        "test_grpo.py::test_group_advantages_sum_to_zero_without_std_and_for_rloo "
+        "test_rloo_baseline_excludes_the_sample_itself test_grpo_normalises_by_the_group_std "
+        "test_a_group_with_identical_rewards_has_zero_advantage_and_zero_policy_gradient "
+        "test_first_update_has_ratio_one_and_token_vs_sequence_normalisation_differ_by_length "
+        "test_k3_in_the_loss_has_the_gradient_of_reverse_kl_ref_to_policy "
+        "test_losses.py::test_kl_is_zero_when_policy_equals_reference_and_k3_is_nonnegative "
+        "test_k1_and_k3_are_unbiased_for_kl_on_an_enumerated_distribution "
+        "test_k2_is_half_the_squared_log_ratio "
+        "test_clipped_surrogate_is_pessimistic_for_ppo_and_grpo_alike"),
+    7: ("tutorials/07-beyond.md", "Knowledge distillation",
+        "nanoalign/train_distill.py::distill_loss",
+        "test_distill.py::"
+        "test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_teacher "
+        "test_hard_term_is_the_cross_entropy_of_the_teachers_tokens "
+        "test_the_loss_is_divided_by_the_given_token_count_and_ignores_padding "
+        "test_only_the_student_gets_gradients"),
 }
 # What never goes into a student copy: the answer key, and the seeded bugs (their `old` column is
 # the correct line of many blanked functions; the instructor's repository keeps the proof)
@@ -111,20 +96,22 @@ SKIP_DIRS = {".git", "out", "__pycache__", ".pytest_cache", ".venv", "node_modul
 EXCERPT = re.compile(r"<!-- excerpt: (\S+?)::(\S+) -->")
 
 
-def graded_chapters() -> dict[str, set[int]]:
-    """{"test_file.py::test_name": the chapters it grades} (tests/conftest.py marks them)."""
-    found = {}
-    for chapter, (_, _, tests) in CHAPTERS.items():
-        for test in tests:
-            found.setdefault(test, set()).add(chapter)
+def expand(words: str) -> list[str]:
+    """"a.py::f g b.py::h" -> ["a.py::f", "a.py::g", "b.py::h"]"""
+    found, file = [], None
+    for word in words.split():
+        file, name = word.split("::") if "::" in word else (file, word)
+        found.append(f"{file}::{name}")
     return found
 
 
-def stub_message(chapter: int, name: str) -> tuple[str, str]:
-    """The two halves of a blank's NotImplementedError message."""
-    tutorial, functions, _ = CHAPTERS[chapter]
-    section = next(s for f, s in functions.items() if f.split("::")[1] == name)
-    return f"Chapter {chapter}: implement {name}; ", f"see {tutorial}, section '{section}'"
+def graded_chapters() -> dict[str, set[int]]:
+    """{"test_file.py::test_name": the chapters it grades} (tests/conftest.py marks them)."""
+    found = {}
+    for chapter in CHAPTERS:
+        for test in expand(CHAPTERS[chapter][3]):
+            found.setdefault(test, set()).add(chapter)
+    return found
 
 
 # ----------------------------------------------------------------------------------- source edits
@@ -133,24 +120,21 @@ def find_function(tree: ast.Module, name: str):
     """The def of `name` ("fn" or "Class.method") at the top of a module."""
     *owner, leaf = name.split(".")
     body = tree.body
-    if owner:
-        cls = [n for n in body if isinstance(n, ast.ClassDef) and n.name == owner[0]]
-        body = cls[0].body if cls else []
-    defs = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == leaf]
-    if not defs:
+    for cls in owner:
+        body = next((n.body for n in body if isinstance(n, ast.ClassDef) and n.name == cls), [])
+    found = next((n for n in body if isinstance(n, ast.FunctionDef) and n.name == leaf), None)
+    if found is None:
         raise LookupError(f"no function {name}")
-    return defs[0]
+    return found
 
 
 def span(node) -> tuple[int, int, int]:
     """(first line: the first decorator or the def, the last header line: the end of the signature
     or of the docstring, the last line), 1-based."""
     first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-    body = node.body
-    docstring = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                 and isinstance(body[0].value.value, str))
-    header = body[0].end_lineno if docstring else body[0].lineno - 1
-    return first, header, node.end_lineno
+    head = node.body[0]
+    docstring = isinstance(head, ast.Expr) and isinstance(getattr(head.value, "value", 0), str)
+    return first, head.end_lineno if docstring else head.lineno - 1, node.end_lineno
 
 
 def blank(text: str, blanks: dict[str, tuple[str, str]]) -> str:
@@ -161,11 +145,10 @@ def blank(text: str, blanks: dict[str, tuple[str, str]]) -> str:
     nodes = {name: find_function(tree, name) for name in blanks}
     for name in sorted(blanks, key=lambda n: -nodes[n].lineno):  # from the bottom up
         node, (left, right) = nodes[name], blanks[name]
-        first, header, last = span(node)
+        _, header, last = span(node)
         pad = " " * (node.col_offset + 4)
-        stub = [f'{pad}raise NotImplementedError(\n', f'{pad}    "{left}"\n',
-                f'{pad}    "{right}")\n']
-        lines[header:last] = stub
+        lines[header:last] = [f'{pad}raise NotImplementedError(\n', f'{pad}    "{left}"\n',
+                              f'{pad}    "{right}")\n']
     return "".join(lines)
 
 
@@ -173,17 +156,6 @@ def function_source(text: str, name: str) -> str:
     """The source of a function, decorators included, dedented."""
     first, _, last = span(find_function(ast.parse(text), name))
     return textwrap.dedent("".join(text.splitlines(keepends=True)[first - 1:last]))
-
-
-def function_at(text: str, fragment: str) -> str | None:
-    """The function ("fn" or "Class.method") whose lines hold the first occurrence of fragment."""
-    line = text[:text.index(fragment)].count("\n") + 1
-    for node in ast.parse(text).body:
-        inner = node.body if isinstance(node, ast.ClassDef) else [node]
-        for fn in inner:
-            if isinstance(fn, ast.FunctionDef) and span(fn)[0] <= line <= fn.end_lineno:
-                return fn.name if fn is node else f"{node.name}.{fn.name}"
-    return None
 
 
 def replace_excerpts(markdown: str, stubs: dict[str, str]) -> str:
@@ -236,9 +208,11 @@ def blanks_by_file(chapters: list[int]) -> dict[str, dict[str, tuple[str, str]]]
     """{file: {function name: its stub message}} of the chapters."""
     found = {}
     for chapter in chapters:
-        for key in CHAPTERS[chapter][1]:
+        tutorial, section, _, _ = CHAPTERS[chapter]
+        for key in expand(CHAPTERS[chapter][2]):
             path, name = key.split("::")
-            found.setdefault(path, {})[name] = stub_message(chapter, name)
+            found.setdefault(path, {})[name] = (f"Chapter {chapter}: implement {name}; ",
+                                                f"see {tutorial}, section '{section}'")
     return found
 
 
@@ -264,23 +238,7 @@ def make_copy(root: Path, out: Path, chapters: list[int]) -> list[str]:
         else:
             shutil.copyfile(src, dst)
         shutil.copymode(src, dst)
-    (out / "ASSIGNMENT.md").write_text(assignment_page(chapters))
     return list(stubs)
-
-
-def assignment_page(chapters: list[int]) -> str:
-    lines = ["# Your assignment", "",
-             "Implement each function below where it stands: its signature and docstring are kept,",
-             "its body raises NotImplementedError until you write it. Grade a chapter with",
-             "`python -m pytest -m chapterN` (all: `-m \"" + " or ".join(
-                 f"chapter{c}" for c in chapters) + "\"`), then train the whole pipeline",
-             "with your code: `python -m nanoalign.pipeline --preset tiny --out out/tiny`.", ""]
-    for chapter in chapters:
-        tutorial, functions, tests = CHAPTERS[chapter]
-        lines += [f"## Chapter {chapter} ({tutorial})", ""]
-        lines += [f"- `{f}`: see the section \"{s}\"" for f, s in functions.items()]
-        lines += ["", f"Graded by {len(tests)} tests: `python -m pytest -m chapter{chapter}`.", ""]
-    return "\n".join(lines)
 
 
 def solve(root: Path, target: Path, chapters: list[int]) -> list[str]:
@@ -294,8 +252,7 @@ def solve(root: Path, target: Path, chapters: list[int]) -> list[str]:
         for name in sorted(names, key=lambda n: -find_function(tree, n).lineno):
             first, _, last = span(find_function(ref_tree, name))
             if 'NotImplementedError(\n' in "".join(ref_lines[first - 1:last]):
-                raise SystemExit(f"{root / path}: {name} is itself a blank: run --solve from the "
-                                 "instructor's repository, not from a student copy")
+                raise SystemExit(f"{path}: {name} is a blank here: run --solve from the reference")
             t_first, _, t_last = span(find_function(tree, name))
             lines[t_first - 1:t_last] = ref_lines[first - 1:last]
             done.append(f"{path}::{name}")
@@ -304,17 +261,11 @@ def solve(root: Path, target: Path, chapters: list[int]) -> list[str]:
 
 
 def parse_chapters(spec: str) -> list[int]:
-    if spec == "all":
-        return sorted(CHAPTERS)
-    try:
-        chapters = sorted({int(c) for c in spec.split(",")})
-    except ValueError:
-        chapters = [0]
-    wrong = [c for c in chapters if c not in CHAPTERS]
-    if wrong:
+    words = [str(c) for c in CHAPTERS] if spec == "all" else spec.split(",")
+    if not all(w.strip() in [str(c) for c in CHAPTERS] for w in words):
         raise SystemExit(f"--chapters {spec}: expected 'all' or a comma-separated list of "
                          f"{', '.join(map(str, CHAPTERS))}")
-    return chapters
+    return sorted({int(w) for w in words})
 
 
 def main(argv=None):
@@ -322,17 +273,15 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chapters", default="all", help="e.g. 3,4,5 (default: all)")
     parser.add_argument("--out", help="write the student copy here (a new or empty folder)")
-    parser.add_argument("--solve", metavar="COPY", help="paste the reference's functions of "
-                        "--chapters back into the student copy COPY")
-    parser.add_argument("--list", action="store_true", help="print the table and stop")
+    parser.add_argument("--solve", metavar="COPY", help="paste the reference's functions back")
+    parser.add_argument("--list", action="store_true", help="print the table (the default)")
     args = parser.parse_args(argv)
     chapters = parse_chapters(args.chapters)
     if args.list or not (args.out or args.solve):
-        for chapter in chapters:
-            tutorial, functions, tests = CHAPTERS[chapter]
-            print(f"chapter {chapter} ({tutorial}): {', '.join(functions)}; {len(tests)} tests")
-        if not args.list:
-            parser.print_usage()
+        for c in chapters:
+            tutorial, section, names, tests = CHAPTERS[c]
+            print(f"chapter {c}: {', '.join(expand(names))}\n  derived in {tutorial}, section "
+                  f"'{section}'\n  graded by {len(expand(tests))} tests: pytest -m chapter{c}")
         return
     if args.solve:
         for key in solve(ROOT, Path(args.solve), chapters):
