@@ -89,9 +89,9 @@ CHAPTERS = {
         "test_the_loss_is_divided_by_the_given_token_count_and_ignores_padding "
         "test_only_the_student_gets_gradients"),
 }
-# What never goes into a student copy: the answer key, and the seeded bugs (their `old` column is
-# the correct line of many blanked functions; the instructor's repository keeps the proof)
-SOLUTIONS = ("tutorials/solutions/", "tests/test_mutations.py")
+# Never in a student copy: the answer key, the seeded bugs (their `old` column is the correct line
+# of many blanked functions) and the kit's own test; the instructor's repository keeps the proofs
+SOLUTIONS = ("tutorials/solutions/", "tests/test_mutations.py", "tests/test_assignment.py")
 SKIP_DIRS = {".git", "out", "__pycache__", ".pytest_cache", ".venv", "node_modules"}
 EXCERPT = re.compile(r"<!-- excerpt: (\S+?)::(\S+) -->")
 

@@ -116,6 +116,7 @@ def test_the_copy_holds_no_solution_text(runs):
             texts[path.relative_to(copy)] = path.read_text(errors="replace")
     assert not (copy / "tutorials" / "solutions").exists()
     assert not (copy / "tests" / "test_mutations.py").exists()
+    assert not (copy / "tests" / "test_assignment.py").exists()
     # a line the package itself uses elsewhere (e.g. `mask = ro.response_mask`) gives nothing away
     elsewhere = {line.strip() for p, text in texts.items() if p.parts[0] == "nanoalign"
                  for line in text.splitlines()}
