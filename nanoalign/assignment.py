@@ -164,7 +164,7 @@ def replace_excerpts(markdown: str, stubs: dict[str, str]) -> str:
     lines, out, i = markdown.splitlines(keepends=True), [], 0
     while i < len(lines):
         out.append(lines[i])
-        marker = EXCERPT.search(lines[i])
+        marker = EXCERPT.fullmatch(lines[i].strip())  # a line of its own, not prose quoting one
         i += 1
         key = marker and f"{marker.group(1)}::{marker.group(2)}"
         if key not in stubs:
