@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(config, items):
     from nanoalign.assignment import graded_chapters
     graded = graded_chapters()
     for item in items:
-        name = f"{Path(str(item.fspath)).name}::{getattr(item, 'originalname', item.name)}"
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
         for chapter in sorted(graded.get(name, ())):
             item.add_marker(getattr(pytest.mark, f"chapter{chapter}"))
 
