@@ -58,6 +58,7 @@ class KVCache:
         self.len = 0  # slots filled so far; advanced by GPT.forward after all layers have written
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this layer's k, v (B, nh, T, hs) at slots len..len+T-1; return all len+T slots."""
         T = k.size(2)
         self.k[layer][:, :, self.len:self.len + T] = k
         self.v[layer][:, :, self.len:self.len + T] = v
@@ -126,8 +127,7 @@ def positions_and_mask(pad_mask, T: int, past: int):
     tokens.
 
     pad_mask: (B, S) bool, True where the token is real. Position = exclusive cumulative count of
-    real tokens, so
-    left padding does not shift positions; pads get position 0 (never read).
+    real tokens, so left padding does not shift positions; pads get position 0 (never read).
     """
     S = pad_mask.size(1)
     if T == 1:  # decoding, as below in fewer operations: sees the real keys and itself

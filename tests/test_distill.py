@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.train_distill import distill_loss
 
+from grading import close
+
 
 def logits(seed, B=3, N=5, V=11):
     return torch.randn(B, N, V, generator=torch.Generator().manual_seed(seed)) * 2
@@ -23,19 +25,39 @@ def test_soft_term_is_t_squared_times_forward_kl_and_zero_when_student_equals_te
         p, q = F.softmax(t / T, -1), F.softmax(s / T, -1)
         # KL(teacher_T || student_T) per token
         by_hand = (p * (p.log() - q.log())).sum(-1)[mask].mean()
-        assert torch.allclose(loss, T * T * by_hand, atol=1e-5) and abs(kl - by_hand.item()) < 1e-5
+        close(loss, T * T * by_hand, f"alpha = 1: loss = T^2 mean KL(teacher_T || student_T) over "
+              f"the mask (T = {T}; forward KL, softmaxes at temperature T)", atol=1e-5)
+        close(kl, by_hand, f"the returned KL is the mean per-token KL, without T^2 (T = {T})",
+              atol=1e-5)
         same, _, _ = distill_loss(t, t, targets, mask, T, alpha=1.0, n_tokens=int(mask.sum()))
-        assert abs(same.item()) < 1e-6
+        close(same, torch.tensor(0.0), "student = teacher: the KD term is 0", atol=1e-6)
 
 
 def test_hard_term_is_the_cross_entropy_of_the_teachers_tokens():
     s, t = logits(2), logits(3)
     targets, mask = torch.randint(11, (3, 5)), torch.ones(3, 5, dtype=torch.bool)
     loss, _, ce = distill_loss(s, t, targets, mask, 2.0, alpha=0.0, n_tokens=15)
-    assert torch.allclose(loss, F.cross_entropy(s.flatten(0, 1), targets.flatten()), atol=1e-5)
+    close(loss, F.cross_entropy(s.flatten(0, 1), targets.flatten()), "alpha = 0: the loss is the "
+          "cross-entropy of the teacher's tokens at temperature 1 (T^2 scales the KD term only)",
+          atol=1e-5)
     mixed, _, _ = distill_loss(s, t, targets, mask, 2.0, alpha=0.3, n_tokens=15)
     soft, _, _ = distill_loss(s, t, targets, mask, 2.0, alpha=1.0, n_tokens=15)
-    assert torch.allclose(mixed, 0.3 * soft + 0.7 * loss, atol=1e-5)
+    close(mixed, 0.3 * soft + 0.7 * loss, "loss = alpha * KD + (1 - alpha) * CE", atol=1e-5)
+
+
+def test_the_loss_is_divided_by_the_given_token_count_and_ignores_padding():
+    """A share of a global token mean, as in SFT: summed over this batch's valid tokens and divided
+    by n_tokens (the count over the whole optimizer batch), never by the batch's own count."""
+    s, t = logits(4), logits(5)
+    targets, mask = torch.randint(11, (3, 5), generator=torch.Generator().manual_seed(6)), \
+        torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 2:] = False
+    loss, _, _ = distill_loss(s, t, targets, mask, 2.0, alpha=0.5, n_tokens=40)
+    p, logq = F.softmax(t / 2.0, -1), F.log_softmax(s / 2.0, -1)
+    kd = 4.0 * (p * (p.log() - logq)).sum(-1)
+    ce = F.cross_entropy(s.transpose(1, 2), targets, reduction="none")
+    close(loss, ((0.5 * kd + 0.5 * ce) * mask).sum() / 40, "loss = sum over the valid tokens of "
+          "alpha T^2 KL + (1 - alpha) CE, divided by n_tokens", atol=1e-5)
 
 
 def test_only_the_student_gets_gradients():

@@ -9,6 +9,8 @@ from nanoalign.generate import (entropy_from_logits, generate, last_true, logpro
                                 fit_prompt, pad_left, response_logprobs, sample_next)
 from nanoalign.model import GPT, GPTConfig, gpt2_from_state_dict, load_gpt2, positions_and_mask
 
+from grading import close
+
 V, PAD, END = 61, 0, 60
 
 
@@ -111,7 +113,8 @@ def test_greedy_generation_with_kv_cache_equals_recomputing_the_prefix():
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
     a = generate(m, prompts, 25, END, PAD, temperature=0)
     b = generate(m, prompts, 25, END, PAD, temperature=0, use_cache=False)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), \
+        f"greedy tokens with the KV cache {a[0].tolist()} != without it {b[0].tolist()}"
 
 
 def test_cached_decoding_gives_the_full_forward_logits_at_every_step():
@@ -128,10 +131,13 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_step():
     cache = KVCache(m.config, 2, full_tokens.size(1), "cpu", torch.float32)
     P = tokens.size(1)
     step = m(tokens, pad_mask=mask, cache=cache)
-    assert torch.allclose(step[:, -1], full[:, P - 1], atol=1e-5)
+    close(step[:, -1], full[:, P - 1], "the prompt's forward through an empty cache gives the full "
+          "forward's logits", atol=1e-5)
     for t in range(continuation.size(1)):
         step = m(continuation[:, t:t + 1], pad_mask=full_mask[:, :P + t + 1], cache=cache)
-        assert torch.allclose(step[:, -1], full[:, P + t], atol=1e-5), f"step {t}"
+        close(step[:, -1], full[:, P + t], f"decoding step {t}: the new token attends to every "
+              f"cached key and value (slots 0..{P + t}) and gives the full forward's logits",
+              atol=1e-5)
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time():

@@ -24,7 +24,8 @@ def test_no_shared_file_is_longer_than_the_longest_stage():
     assert longest <= 300, "a stage file over 300 lines: can a reader still follow it?"
     limits = {"model.py": 350, "world.py": None}
     for p in sorted((ROOT / "nanoalign").glob("*.py")):
-        limit = limits.get(p.name, longest)
+        # at least 299 (the house rule): in a student copy (assignment.py) the stages are shorter
+        limit = limits.get(p.name, max(longest, 299))
         if p in STAGES or limit is None:
             continue
         n = len(p.read_text().splitlines())
