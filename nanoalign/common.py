@@ -220,8 +220,11 @@ class StopSignal:
     Under DDP the flag is reduced over ranks, so every rank stops at the same step (none is left
     waiting in a collective)."""
 
+    stopped = False  # did the last loop in this process stop at a signal? (the pipeline asks)
+
     def __init__(self, device="cpu"):
         self.flag, self.device = False, device
+        StopSignal.stopped = False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handler)
 
@@ -233,7 +236,9 @@ class StopSignal:
               "exiting", flush=True)
 
     def should_stop(self) -> bool:
-        return all_reduce_min(0 if self.flag else 1, self.device) == 0  # any rank's flag stops all
+        stop = all_reduce_min(0 if self.flag else 1, self.device) == 0  # any rank's flag stops all
+        StopSignal.stopped = StopSignal.stopped or stop
+        return stop
 
 
 # ----------------------------------------------------------------------------------- progress

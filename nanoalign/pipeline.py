@@ -23,8 +23,8 @@ from dataclasses import dataclass
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanoalign import (config, doctor, record, report, train_distill, train_dpo, train_grpo,
-                       train_ppo, train_pretrain, train_rm, train_sft, world)
+from nanoalign import (common, config, doctor, record, report, train_distill, train_dpo,
+                       train_grpo, train_ppo, train_pretrain, train_rm, train_sft, world)
 
 # Per-stage overrides of each stage's own defaults ("tiny" is the defaults: one source of truth)
 PRESETS = {
@@ -208,6 +208,9 @@ def run_stage(name, module, args: dict, force: bool, path_roots: dict | None = N
     t0 = time.time()
     module.main(argv)
     wall = time.time() - t0
+    if common.StopSignal.stopped:  # its checkpoint is a point to resume from, not a finished stage
+        raise SystemExit(f"[pipeline] {name} stopped at a signal and saved its checkpoint; run the "
+                         "same command to resume it")
     # the run doctor: known failure signatures in what the stage logged
     for line in doctor.examine(os.path.join(args["out_dir"], "metrics.jsonl")):
         print(line)

@@ -58,6 +58,42 @@ def test_pipeline_skips_finished_stages_and_reruns_a_stage_whose_config_or_world
     assert "sft: config, parent" in out
 
 
+def test_a_stage_stopped_by_ctrl_c_is_not_done_and_the_pipeline_stops_then_resumes_it(
+        tmp_path, capsys, monkeypatch):
+    """Ctrl-C saves the stage's checkpoint, but that is a point to resume from: no done.json, no
+    next stage trained on a half-trained parent, and the same command resumes it."""
+    import os
+    import signal
+
+    from nanoalign import common
+    argv = ["--preset", "micro", "--out", str(tmp_path / "run"), "--stages", "pretrain,sft"]
+    calls, real = [], common.StopSignal.should_stop
+
+    def ctrl_c_at_step_2(self):  # a real SIGINT, caught by the stage's own handler
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        monkeypatch.setattr(common.StopSignal, "should_stop", ctrl_c_at_step_2)
+        with pytest.raises(SystemExit, match="pretrain stopped at a signal"):
+            pipeline.main(argv)
+        run = tmp_path / "run"
+        assert (run / "pretrain" / "ckpt.pt").exists()
+        assert not (run / "pretrain" / "done.json").exists()
+        assert not (run / "sft").exists()  # never started from the half-trained model
+        monkeypatch.setattr(common.StopSignal, "should_stop", real)
+        capsys.readouterr()
+        pipeline.main(argv)
+        assert "pretrain: found an unfinished run, resuming it" in capsys.readouterr().out
+        assert all((run / stage / "done.json").exists() for stage in ("pretrain", "sft"))
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_rlvr_stage_reports_held_out_accuracy_of_sft_and_rlvr(micro_run):
     report = json.loads((micro_run / "report.json").read_text())
     for name in ("sft", "rlvr"):
