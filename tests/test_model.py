@@ -114,10 +114,12 @@ def test_greedy_generation_with_kv_cache_equals_recomputing_the_prefix():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_cached_decoding_gives_the_full_forward_logits_at_every_step():
+@pytest.mark.parametrize("step", ["decode", "forward"])
+def test_cached_decoding_gives_the_full_forward_logits_at_every_step(step):
     """Token by token through the KV cache, on a left-padded batch: each step's logits are those of
-    one forward over the whole sequence so far (an untrained model's greedy output repeats its last
-    token whatever the cache holds, so compare logits, not tokens)."""
+    one forward over the whole sequence so far, by generation's own step (GPT.decode) and by the
+    general forward with a cache (an untrained model's greedy output repeats its last token
+    whatever the cache holds, so compare logits, not tokens)."""
     from nanoalign.model import KVCache
     m = tiny_model()
     tokens, mask = pad_left([[1, 2, 3, 4, 5], [7, 8]], PAD)
@@ -125,13 +127,17 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_step():
     full_tokens = torch.cat([tokens, continuation], 1)
     full_mask = torch.cat([mask, torch.ones_like(continuation, dtype=torch.bool)], 1)
     full = m(full_tokens, pad_mask=full_mask)
-    cache = KVCache(m.config, 2, full_tokens.size(1), "cpu", torch.float32)
+    cache = KVCache(m, 2, full_tokens.size(1))
     P = tokens.size(1)
-    step = m(tokens, pad_mask=mask, cache=cache)
-    assert torch.allclose(step[:, -1], full[:, P - 1], atol=1e-5)
+    logits = m(tokens, pad_mask=mask, cache=cache)[:, -1]
+    assert torch.allclose(logits, full[:, P - 1], atol=1e-5)
     for t in range(continuation.size(1)):
-        step = m(continuation[:, t:t + 1], pad_mask=full_mask[:, :P + t + 1], cache=cache)
-        assert torch.allclose(step[:, -1], full[:, P + t], atol=1e-5), f"step {t}"
+        if step == "decode":
+            logits = m.decode(continuation[:, t], cache)
+        else:
+            mask_so_far = full_mask[:, :P + t + 1]
+            logits = m(continuation[:, t:t + 1], pad_mask=mask_so_far, cache=cache)[:, -1]
+        assert torch.allclose(logits, full[:, P + t], atol=1e-5), f"step {t}"
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time():
@@ -155,10 +161,10 @@ def test_sampled_tokens_logprobs_match_full_forward_at_the_sampling_temperature(
     assert torch.isfinite(lp).all()
     # the same via the cached path, one step at a time
     from nanoalign.model import KVCache
-    cache = KVCache(m.config, 2, tokens.size(1), "cpu", torch.float32)
+    cache = KVCache(m, 2, tokens.size(1))
     inc = [m(tokens[:, :P], pad_mask=mask[:, :P], cache=cache)[:, -1:]]
     for t in range(P, tokens.size(1) - 1):
-        inc.append(m(tokens[:, t:t + 1], pad_mask=mask[:, :t + 1], cache=cache))
+        inc.append(m.decode(tokens[:, t], cache)[:, None])
     lp_inc = logprobs_from_logits(torch.cat(inc, 1) / 0.7, tokens[:, P:])
     real = mask[:, P:]
     assert torch.allclose(lp[real], lp_inc[real], atol=1e-5)
