@@ -170,6 +170,31 @@ def test_sampled_tokens_logprobs_match_full_forward_at_the_sampling_temperature(
     assert torch.allclose(lp[real], lp_inc[real], atol=1e-5)
 
 
+def test_sampled_continuations_follow_the_full_forward_distribution():
+    """generate's second new token comes from the cached decoding step: over many rows, its
+    frequencies are those of the full forward's distribution at the sampling temperature, summed
+    over the first token (chi-square; a model with large weights, so that positions, the cache and
+    the prompt's pads all change the distribution)."""
+    m = tiny_model(seed=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    prompt, n, temp = [5, 9, 2], 6000, 0.7
+    g = torch.Generator().manual_seed(0)
+    tokens, _, P = generate(m, [prompt] * (n - 1) + [[7] * 6], 2, END, PAD, temp, generator=g)
+    counts = torch.bincount(tokens[:-1, P + 1], minlength=V).double()  # the second new tokens
+    # exactly: p(second = j) = sum_f p(f) p(j | f), from the prompt + every first token f
+    with torch.no_grad():
+        first = (m(torch.tensor([prompt]))[0, -1] / temp).double().softmax(-1)  # (V,)
+        seqs = torch.cat([torch.tensor([prompt]).expand(V, -1), torch.arange(V)[:, None]], 1)
+        second = (m(seqs)[:, -1] / temp).double().softmax(-1)  # (V, V): row f is p(. | f)
+    expected = (n - 1) * (first[:, None] * second).sum(0)
+    keep = expected > 5  # chi-square's rule of thumb
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    dof = keep.sum().item() - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
+
+
 def test_after_the_end_token_every_token_is_pad_and_masked():
     m = tiny_model()
     with torch.no_grad():  # make END very likely so rows finish at different steps
