@@ -54,9 +54,9 @@ def tokens_per_second(generate, model, args, batch, temperature, cache=True, new
     generate(model, prompts, 4, -1, pad, temperature, generator=g, use_cache=cache)  # warm up
     best = float("inf")
     for _ in range(args.repeats):
-        t = time.perf_counter()
+        t = args.clock()
         generate(model, prompts, new, -1, pad, temperature, generator=g, use_cache=cache)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, args.clock() - t)
     return batch * new / best
 
 
@@ -68,9 +68,17 @@ def main(argv=None):
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--gelu", default="tanh", help="tanh (GPT-2's, the peers') or none")
+    p.add_argument("--kv_batches", default="16", help="batches of the KV-cache ratio ('' for none)")
     p.add_argument("--rounds", type=int, default=2, help="A, B alternations per item")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per turn (best is kept)")
+    p.add_argument("--cpu_time", action="store_true",
+                   help="time by the process's CPU time, not the wall clock: steadier on a busy host "
+                        "with --threads 1 (with more threads it counts their waiting too)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.clock = time.process_time if args.cpu_time else time.perf_counter
     from nanoalign import generate as gen_b
     from nanoalign import model as model_b
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,21 +89,30 @@ def main(argv=None):
         a = model_a.GPT(model_a.GPTConfig(**sizes)).eval()
         b = model_b.GPT(model_b.GPTConfig(**sizes)).eval()
         b.load_state_dict(a.state_dict())
-        print(f"threads {torch.get_num_threads()}; {args.base} (A) vs the working tree (B); "
-              f"{args.prompt_len} + {args.new} new tokens; new tokens/s, best of each turn")
+        clock = "CPU time" if args.cpu_time else "wall clock"
+        print(f"threads {torch.get_num_threads()}, {clock}; {args.base} (A) vs the working tree "
+              f"(B); {args.prompt_len} + {args.new} new tokens; new tokens/s, best turn of "
+              f"{args.rounds}; B/A: the lowest and highest ratio of one round's A and B turns")
         for batch in map(int, args.batches.split(",")):
             for temperature in (1.0, 0.0):
                 fa, fb = [], []
                 for _ in range(args.rounds):
                     fa.append(tokens_per_second(gen_a.generate, a, args, batch, temperature))
                     fb.append(tokens_per_second(gen_b.generate, b, args, batch, temperature))
+                ratios = sorted(y / x for x, y in zip(fa, fb))
                 print(f"batch {batch:3d} temperature {temperature}: A {max(fa):8,.0f}  "
-                      f"B {max(fb):8,.0f}  B/A {max(fb) / max(fa):.2f}")
-        for name, gen, model in (("A", gen_a, a), ("B", gen_b, b)):
-            cached = tokens_per_second(gen.generate, model, args, 16, 1.0)
-            plain = tokens_per_second(gen.generate, model, args, 16, 1.0, cache=False)
-            print(f"{name}: KV cache vs none, batch 16, sampled: {cached / plain:.1f}x")
-
+                      f"B {max(fb):8,.0f}  B/A {max(fb) / max(fa):.2f} "
+                      f"({ratios[0]:.2f}-{ratios[-1]:.2f})")
+        # the KV cache against recomputing the prefix, each revision alternately
+        for batch in [int(x) for x in args.kv_batches.split(",") if x]:
+            kv = {"A": [], "B": []}
+            for _ in range(args.rounds):
+                for name, gen, model in (("A", gen_a, a), ("B", gen_b, b)):
+                    cached = tokens_per_second(gen.generate, model, args, batch, 1.0)
+                    plain = tokens_per_second(gen.generate, model, args, batch, 1.0, cache=False)
+                    kv[name].append(cached / plain)
+            print(f"KV cache vs none, batch {batch}, sampled: " + "  ".join(
+                f"{k} {min(v):.1f}-{max(v):.1f}x" for k, v in kv.items()))
 
 if __name__ == "__main__":
     main()

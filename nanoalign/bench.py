@@ -108,18 +108,26 @@ def bench_pretrain_all(b: Bench, args):
 
 
 def bench_generate(b: Bench, args):
+    """generate() with the KV cache (greedy, sampled, sampled at 4x the batch) and without it. At
+    equal lengths (--peers) the no-cache row notes how much faster the cache is."""
     c = b.cfg
     model = new_model(c, b.device).eval()
-    prompts = random_seqs(c, c.batch_size, c.prompt_len, seed=1, ragged=False)
-    runs = [("generate cache greedy", 0.0, True, c.gen_new),
-            ("generate cache sampled", 1.0, True, c.gen_new),
-            ("generate no-cache sampled", 1.0, False, c.gen_new_nocache)]
-    for key, temperature, cache, new in runs:
+    runs = [("generate cache greedy", 0.0, True, c.gen_new, c.batch_size),
+            ("generate cache sampled", 1.0, True, c.gen_new, c.batch_size),
+            ("generate cache 4x batch", 1.0, True, c.gen_new, 4 * c.batch_size),
+            ("generate no-cache sampled", 1.0, False, c.gen_new_nocache, c.batch_size)]
+    for key, temperature, cache, new, batch in runs:
+        prompts = random_seqs(c, batch, c.prompt_len, seed=1, ragged=False)
+
         def step():
             tokens, mask, P = generate(model, prompts, new, END, PAD, temperature, use_cache=cache)
             assert mask[:, P:].all(), "every row generates all its new tokens"
-        note = f"{len(prompts)} x {new} new"
-        b.item(key, step, len(prompts) * new, "new tok/s", slow=not cache, note=note)
+        note = f"{batch} x {new} new" + (", sampled" if temperature else ", greedy")
+        b.item(key, step, batch * new, "new tok/s", slow=not cache, note=note)
+    rate = {r["item"]: r["rate"] for r in b.rows}
+    if c.gen_new_nocache == c.gen_new:
+        ratio = rate["generate cache sampled"] / rate["generate no-cache sampled"]
+        b.rows[-1]["note"] += f"; the cache is {ratio:.1f}x faster"
 
 
 def bench_sft(b: Bench, args):

@@ -12,8 +12,9 @@ The GPU check: what no CPU test can show, in one command and one JSON file (~5 m
              torchrun the process group always starts, so one GPU runs the code path of many.
              The ranks' weights must agree.
 4. speed     pretraining at GPT-2-124M's shape (tokens/s, MFU against the card's bf16 peak, eager
-             and compiled) and a PPO iteration at the gpu preset's sizes, split into generate,
-             score and update; peak memory
+             and compiled), generation at that shape (new tokens/s with the KV cache, greedy and
+             sampled, and without it) and a PPO iteration at the gpu preset's sizes, split into
+             generate, score and update; peak memory
 
 Each part runs in its own process with a time limit: one failure still leaves the others' figures.
 """
@@ -35,7 +36,7 @@ from nanoalign import bench, common, machine, pipeline, record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = "pretrain,sft,rm,ppo,dpo,grpo,rlvr,pretrain_small,distill"
-LIMITS_S = {"tests": 90, "pipeline": 120, "ddp": 120, "speed": 150}  # 8 minutes in all
+LIMITS_S = {"tests": 90, "pipeline": 120, "ddp": 120, "speed": 170}  # 8.3 minutes in all
 
 
 def run_part(name: str, cmd: list[str], out: str, env: dict | None = None) -> dict:
@@ -99,7 +100,8 @@ def ddp_summary(out: str, n_ranks: int, stages: str) -> dict:
 
 
 def speed_worker(args):
-    """Part 4: bench's own items, at GPT-2-124M's shape and the gpu preset's PPO sizes."""
+    """Part 4: bench's own items, at GPT-2-124M's shape and the gpu preset's PPO sizes: bench's
+    generation rows (fp32 weights, as the stages sample) at that shape too."""
     cuda = args.device.startswith("cuda")
     gpu = pipeline.PRESETS["gpu"]
     sizes = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=gpu["pretrain"]["vocab_size"],
@@ -119,12 +121,13 @@ def speed_worker(args):
 
     # GPT-2 124M: 12 layers x 12 heads x 768, 1,024 tokens, its 50,257-token vocabulary
     items = [("pretrain GPT-2 124M shape bf16", lambda k: pretrain(k, 1024, 50257, 16)),
+             ("generate", lambda k: bench.bench_generate(b, argparse.Namespace())),
              ("ppo bfloat16", lambda k: bench.bench_ppo(b, argparse.Namespace(), dtype="bfloat16")),
              ("pretrain GPT-2 124M shape bf16 compiled",
               lambda k: pretrain(k, 1024, 50257, 16, compiled=True))]  # last: compiling may fail
     if not cuda:
         micro = lambda k: pretrain(k, c.seq_len, c.vocab_size, c.batch_size)
-        items = [("pretrain micro bf16", micro), items[1]]
+        items = [("pretrain micro bf16", micro), items[1], items[2]]
     for key, item in items:  # one item's failure (out of memory, no compiler) keeps the others
         try:
             item(key)

@@ -10,8 +10,8 @@ The GPT: a GPT-2-style decoder, with the three things alignment needs on top of 
        query never has an empty row (an all-masked row is 0/0 = NaN on some SDPA backends;
        PyTorch issue #103749).
 2. A key/value cache for incremental decoding (`KVCache`): keys and values are stored at their
-   absolute slot, and the pad mask of the whole sequence so far keeps the prompt's pads masked at
-   every decoding step.
+   absolute slot, and the prompt's pads stay masked at every decoding step (`GPT.decode`, the
+   decoding step that generation runs, written for speed).
 3. A scalar head for reward models and PPO's value function, on the same trunk
    (`output="scalar"` or `"both"`).
 
@@ -47,23 +47,29 @@ class GPTConfig:
 
 
 class KVCache:
-    """Per-layer keys/values for incremental decoding. Slots are absolute: row b's token at slot s
-    is at k[b, :, s]."""
+    """What incremental decoding keeps between steps: per layer, keys and values at their absolute
+    slot (row b's token at slot s has key kv[i][0, b, :, s]); for GPT.decode, the attention bias of
+    every slot (0 = real token, -inf = pad), each row's next position, and the weights transposed
+    once. A cache serves one generate() call: the model's weights must not change meanwhile."""
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        hs = cfg.n_embd // cfg.n_head
-        shape = (batch_size, cfg.n_head, max_len, hs)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.len = 0  # slots filled so far; advanced by GPT.forward after all layers have written
+    def __init__(self, model, batch_size: int, max_len: int):
+        cfg, w = model.config, model.lm_head.weight
+        shape = (2, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.kv = [w.new_zeros(shape) for _ in range(cfg.n_layer)]  # keys and values
+        self.bias = w.new_zeros(batch_size * cfg.n_head, 1, max_len)  # (B*nh, 1, max_len)
+        self.len, self.pos = 0, None  # slots filled; each row's next position (B,): see GPT
+        # the CPU's BLAS is fastest with a row-major (in, out) matrix at few rows; cuBLAS: a view
+        self.t = {m: m.weight.t() if w.is_cuda else m.weight.t().contiguous()
+                  for m in model.modules() if isinstance(m, nn.Linear)}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this layer's k, v (B, nh, T, hs) at slots len..len+T-1; return all len+T slots."""
-        T = k.size(2)
-        self.k[layer][:, :, self.len:self.len + T] = k
-        self.v[layer][:, :, self.len:self.len + T] = v
-        S = self.len + T
-        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]  # (B, nh, S, hs)
+        S = self.len + k.size(2)
+        self.kv[layer][:, :, :, self.len:S] = torch.stack([k, v])
+        return self.kv[layer][:, :, :, :S].unbind()  # keys, values: (B, nh, S, hs)
+
+    def linear(self, x, m: nn.Linear):  # m(x) for x (B, in), by the transposed weight
+        return x @ self.t[m] if m.bias is None else torch.addmm(m.bias, x, self.t[m])
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,21 +83,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask, cache, layer):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3C) -> 3 x (B, nh, T, hs)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, S, hs)
         p = self.dropout if self.training else 0.0
-        if T == 1 and cache is not None:  # decoding: two batched matmuls beat SDPA at one query
-            # softmax(q k^T / sqrt(hs) + mask) v, the mask an additive bias (B*nh, 1, S) of 0/-inf
-            att = torch.baddbmm(attn_mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
-                                alpha=1.0 / math.sqrt(k.size(-1)))  # (B*nh, 1, S)
-            y = torch.bmm(att.softmax(-1), v.flatten(0, 1)).view(B, self.n_head, 1, -1)
-        elif attn_mask is None:  # no padding and no cache: the fast fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        # no mask (no padding, no cache): the fast fused causal kernel
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask, p, is_causal=attn_mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -124,16 +122,9 @@ class Block(nn.Module):
 
 def positions_and_mask(pad_mask, T: int, past: int):
     """Position ids (B, T) and boolean attention mask (B, 1, T, S) for the last T of S = past + T
-    tokens.
-
-    pad_mask: (B, S) bool, True where the token is real. Position = exclusive cumulative count of
-    real tokens, so left padding does not shift positions; pads get position 0 (never read).
-    """
+    tokens. pad_mask: (B, S) bool, True where the token is real. Position = exclusive cumulative
+    count of real tokens, so left padding does not shift positions; pads get position 0."""
     S = pad_mask.size(1)
-    if T == 1:  # decoding, as below in fewer operations: sees the real keys and itself
-        pos = pad_mask[:, :past].sum(1, keepdim=True)  # (B, 1)
-        return pos, torch.cat([pad_mask[:, :past], pad_mask.new_ones(pad_mask.size(0), 1)],
-                              1)[:, None, None]  # (B, 1, 1, S)
     pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
     q_slot = torch.arange(past, S, device=pad_mask.device)[:, None]  # (T, 1)
     k_slot = torch.arange(S, device=pad_mask.device)[None, :]  # (1, S)
@@ -165,12 +156,10 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device="cpu", scalar_head: bool = True) -> "GPT":
@@ -188,7 +177,6 @@ class GPT(nn.Module):
 
     def add_scalar_head(self, init: str = "reward"):
         """A Linear(C, 1) read on the trunk's last hidden state.
-
         init="reward": N(0, 1/sqrt(C+1)), bias 0 (Ziegler et al. 2019 code; Huang et al. 2024).
         init="zero": all zeros, so a fresh value head predicts 0 and cannot disturb the shared trunk
         early on (Ziegler et al. 2019 zero-initialise the value head)."""
@@ -203,40 +191,56 @@ class GPT(nn.Module):
 
     def forward(self, idx, pad_mask=None, cache: KVCache | None = None, output: str = "logits"):
         """idx (B, T) token ids; pad_mask (B, S) with S = cached + T tokens, True at real tokens.
-
         pad_mask=None: no padding, or padding on the right only. Causal attention already keeps
         every real token from seeing a later pad, so a right-padded batch (SFT, RM, DPO) needs no
         mask and gets the fast fused causal kernel (flash attention on CUDA); the pads' own
         outputs are junk that the caller never reads.
-
-        output: "logits" -> (B, T, V); "scalar" -> (B, T); "both" -> ((B, T, V), (B, T)).
-        """
+        output: "logits" -> (B, T, V); "scalar" -> (B, T); "both" -> ((B, T, V), (B, T))."""
         B, T = idx.shape
         past = cache.len if cache is not None else 0
         assert past + T <= self.config.block_size, \
             f"{past + T} tokens > block_size {self.config.block_size}"
-        if pad_mask is None and cache is None:
-            # plain causal attention: the fast fused kernel
+        if pad_mask is None and cache is None:  # plain causal attention: the fast fused kernel
             pos, attn_mask = torch.arange(T, device=idx.device)[None], None
         else:
             if pad_mask is None:
                 pad_mask = torch.ones(B, past + T, dtype=torch.bool, device=idx.device)
             pos, attn_mask = positions_and_mask(pad_mask, T, past)
-        if T == 1 and cache is not None:  # the decoding step's mask as a bias, once for all layers
-            bias = torch.zeros(attn_mask.shape, dtype=self.lm_head.weight.dtype, device=idx.device)
-            attn_mask = bias.masked_fill_(~attn_mask, float("-inf")).expand(
-                B, self.config.n_head, 1, -1).reshape(B * self.config.n_head, 1, -1)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        x = self.transformer.drop(x)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, cache, i)
-        if cache is not None:
-            cache.len += T
+        if cache is not None:  # for decode(): which slots are real tokens, each row's next position
+            real = pad_mask.repeat_interleave(self.config.n_head, 0)[:, None]  # (B*nh, 1, S)
+            cache.bias[:, :, :past + T] = torch.where(real, 0.0, float("-inf"))
+            cache.len, cache.pos = past + T, pad_mask.sum(1)  # (B,)
         h = self.transformer.ln_f(x)  # (B, T, C)
         if output == "logits":
             return self.lm_head(h)  # (B, T, V)
         scalar = self.scalar_on_fp32(h)  # (B, T)
         return scalar if output == "scalar" else (self.lm_head(h), scalar)
+
+    def decode(self, idx, cache: KVCache):
+        """One new token per row, idx (B,), after the tokens in `cache` -> logits (B, V):
+        forward()'s arithmetic at one query (tested against it) in fewer, cheaper operations, as a
+        rollout's time goes to calling ~100 small ones a step. Weights transposed once per cache;
+        attention as two batched matmuls, the mask an additive bias; no dropout (eval mode). A
+        decoded token is always a real key: after its row's end token, nothing reads it."""
+        B, nh, S, tf = idx.size(0), self.config.n_head, cache.len + 1, self.transformer
+        bias, scale = cache.bias[:, :, :S], 1.0 / math.sqrt(self.config.n_embd // nh)
+        x = tf.wte(idx) + tf.wpe(cache.pos)  # (B, C)
+        for block, kv in zip(tf.h, cache.kv):
+            attn, mlp = block.attn, block.mlp
+            qkv = cache.linear(block.ln_1(x), attn.c_attn).view(B, 3, nh, -1)  # (B, 3, nh, hs)
+            kv[:, :, :, S - 1] = qkv[:, 1:].transpose(0, 1)  # this token's key and value
+            k, v = kv[:, :, :, :S].flatten(1, 2)  # (B*nh, S, hs) each
+            # softmax(q k^T / sqrt(hs) + bias) v, one query per row and head: (B*nh, 1, S) scores
+            att = torch.baddbmm(bias, qkv[:, 0].reshape(B * nh, 1, -1), k.transpose(1, 2),
+                                alpha=scale).softmax(-1)
+            x = x + cache.linear(torch.bmm(att, v).view(B, -1), attn.c_proj)  # (B, nh*hs)
+            h = cache.linear(block.ln_2(x), mlp.c_fc)
+            x = x + cache.linear(F.gelu(h, approximate=mlp.approximate), mlp.c_proj)
+        cache.len, cache.pos = S, cache.pos + 1
+        return cache.linear(tf.ln_f(x), self.lm_head)  # (B, V)
 
     def scalar_on_fp32(self, h):
         """The scalar head outside autocast, on (at least) fp32 hidden states: under bf16 a reward
@@ -286,13 +290,11 @@ def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | 
     n_head = n_head or max(1, n_embd // 64)  # 12, 16, 20, 25 heads: GPT-2 small, medium, large, xl
     cfg = GPTConfig(block_size=block_size or n_pos, vocab_size=vocab, n_layer=n_layer,
                     n_head=n_head, n_embd=n_embd, dropout=0.0, bias=True, gelu=gelu)
-    assert cfg.block_size <= n_pos, \
-        f"block_size {cfg.block_size} > the checkpoint's {n_pos} positions"
+    assert cfg.block_size <= n_pos, f"block_size {cfg.block_size} > the checkpoint's {n_pos}"
     model = GPT(cfg)
     ours = model.state_dict()
     # HF's GPT-2 uses Conv1D layers that store weights as (in, out); nn.Linear stores (out, in)
-    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                  "mlp.c_proj.weight")
+    transposed = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
     for k, v in sd.items():
         key = "transformer." + k
         assert key in ours, f"unexpected key in GPT-2 checkpoint: {k}"
@@ -312,8 +314,8 @@ def gpt2_from_state_dict(sd: dict, block_size: int | None = None, n_head: int | 
 def grow_vocab(model: GPT, n: int) -> GPT:
     """Give the tied embedding n rows (GPT-2 + our chat tokens): the new rows start at the mean of
     the old ones (Hewitt 2021), so new tokens begin as an average token. Old tokens keep their
-    logits exactly: with tied weights a
-    logit is h . w_token, and no old row or hidden state changes."""
+    logits exactly: with tied weights a logit is h . w_token, and no old row or hidden state
+    changes."""
     old = model.lm_head.weight
     V, C = old.shape
     if n <= V:
@@ -339,10 +341,8 @@ def load_gpt2(path: str, block_size: int | None = None, n_head: int | None = Non
                 break
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin here")
-    if path.endswith(".safetensors"):
-        sd = read_safetensors(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = read_safetensors(path) if path.endswith(".safetensors") else \
+        torch.load(path, map_location="cpu", weights_only=True)
     # HF's "gelu" is the exact GELU; "gelu_new" (GPT-2's) and "gelu_pytorch_tanh" the tanh form
     gelu = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
     act = hf.get("activation_function", "gelu_new")

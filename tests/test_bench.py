@@ -17,8 +17,8 @@ def test_bench_quick_measures_every_stage_and_prints_one_json_object(capsys):
     result = json.loads(capsys.readouterr().out)
     rows = {r["item"]: r for r in result["rows"]}
     assert set(rows) == {"pretrain fp32", "pretrain bf16 autocast", "generate cache greedy",
-                         "generate cache sampled", "generate no-cache sampled", "sft", "rm", "dpo",
-                         "ppo", "grpo"}
+                         "generate cache sampled", "generate cache 4x batch",
+                         "generate no-cache sampled", "sft", "rm", "dpo", "ppo", "grpo"}
     for r in rows.values():
         assert r["ms"] > 0 and math.isfinite(r["rate"]) and r["rate"] > 0, r
         assert r["peak_mem_mb"] > 0, r

@@ -303,4 +303,5 @@ def test_gpu_check_runs_every_part_dry_on_the_cpu(tmp_path):
     assert set(result["parts"]["pipeline"]["figures"]["stages"]) >= {"sft", "dpo"}
     items = [row["item"] for row in result["parts"]["speed"]["figures"]["rows"]]
     assert any(i.startswith("pretrain") for i in items) and "ppo bfloat16" in items
+    assert {"generate cache greedy", "generate cache sampled"} <= set(items)  # new tokens/s
     assert json.loads((tmp_path / "gpu_check.json").read_text())["ok"]

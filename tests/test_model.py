@@ -117,10 +117,12 @@ def test_greedy_generation_with_kv_cache_equals_recomputing_the_prefix():
         f"greedy tokens with the KV cache {a[0].tolist()} != without it {b[0].tolist()}"
 
 
-def test_cached_decoding_gives_the_full_forward_logits_at_every_step():
+@pytest.mark.parametrize("step", ["decode", "forward"])
+def test_cached_decoding_gives_the_full_forward_logits_at_every_step(step):
     """Token by token through the KV cache, on a left-padded batch: each step's logits are those of
-    one forward over the whole sequence so far (an untrained model's greedy output repeats its last
-    token whatever the cache holds, so compare logits, not tokens)."""
+    one forward over the whole sequence so far, by generation's own step (GPT.decode) and by the
+    general forward with a cache (an untrained model's greedy output repeats its last token
+    whatever the cache holds, so compare logits, not tokens)."""
     from nanoalign.model import KVCache
     m = tiny_model()
     tokens, mask = pad_left([[1, 2, 3, 4, 5], [7, 8]], PAD)
@@ -128,16 +130,19 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_step():
     full_tokens = torch.cat([tokens, continuation], 1)
     full_mask = torch.cat([mask, torch.ones_like(continuation, dtype=torch.bool)], 1)
     full = m(full_tokens, pad_mask=full_mask)
-    cache = KVCache(m.config, 2, full_tokens.size(1), "cpu", torch.float32)
+    cache = KVCache(m, 2, full_tokens.size(1))
     P = tokens.size(1)
-    step = m(tokens, pad_mask=mask, cache=cache)
-    close(step[:, -1], full[:, P - 1], "the prompt's forward through an empty cache gives the full "
+    logits = m(tokens, pad_mask=mask, cache=cache)[:, -1]
+    close(logits, full[:, P - 1], "the prompt's forward through an empty cache gives the full "
           "forward's logits", atol=1e-5)
     for t in range(continuation.size(1)):
-        step = m(continuation[:, t:t + 1], pad_mask=full_mask[:, :P + t + 1], cache=cache)
-        close(step[:, -1], full[:, P + t], f"decoding step {t}: the new token attends to every "
-              f"cached key and value (slots 0..{P + t}) and gives the full forward's logits",
-              atol=1e-5)
+        if step == "decode":
+            logits = m.decode(continuation[:, t], cache)
+        else:
+            mask_so_far = full_mask[:, :P + t + 1]
+            logits = m(continuation[:, t:t + 1], pad_mask=mask_so_far, cache=cache)[:, -1]
+        close(logits, full[:, P + t], f"{step} step {t}: the new token attends to every cached "
+              f"key and value (slots 0..{P + t}) and gives the full forward's logits", atol=1e-5)
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time():
@@ -161,13 +166,38 @@ def test_sampled_tokens_logprobs_match_full_forward_at_the_sampling_temperature(
     assert torch.isfinite(lp).all()
     # the same via the cached path, one step at a time
     from nanoalign.model import KVCache
-    cache = KVCache(m.config, 2, tokens.size(1), "cpu", torch.float32)
+    cache = KVCache(m, 2, tokens.size(1))
     inc = [m(tokens[:, :P], pad_mask=mask[:, :P], cache=cache)[:, -1:]]
     for t in range(P, tokens.size(1) - 1):
-        inc.append(m(tokens[:, t:t + 1], pad_mask=mask[:, :t + 1], cache=cache))
+        inc.append(m.decode(tokens[:, t], cache)[:, None])
     lp_inc = logprobs_from_logits(torch.cat(inc, 1) / 0.7, tokens[:, P:])
     real = mask[:, P:]
     assert torch.allclose(lp[real], lp_inc[real], atol=1e-5)
+
+
+def test_sampled_continuations_follow_the_full_forward_distribution():
+    """generate's second new token comes from the cached decoding step: over many rows, its
+    frequencies are those of the full forward's distribution at the sampling temperature, summed
+    over the first token (chi-square; a model with large weights, so that positions, the cache and
+    the prompt's pads all change the distribution)."""
+    m = tiny_model(seed=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    prompt, n, temp = [5, 9, 2], 6000, 0.7
+    g = torch.Generator().manual_seed(0)
+    tokens, _, P = generate(m, [prompt] * (n - 1) + [[7] * 6], 2, END, PAD, temp, generator=g)
+    counts = torch.bincount(tokens[:-1, P + 1], minlength=V).double()  # the second new tokens
+    # exactly: p(second = j) = sum_f p(f) p(j | f), from the prompt + every first token f
+    with torch.no_grad():
+        first = (m(torch.tensor([prompt]))[0, -1] / temp).double().softmax(-1)  # (V,)
+        seqs = torch.cat([torch.tensor([prompt]).expand(V, -1), torch.arange(V)[:, None]], 1)
+        second = (m(seqs)[:, -1] / temp).double().softmax(-1)  # (V, V): row f is p(. | f)
+    expected = (n - 1) * (first[:, None] * second).sum(0)
+    keep = expected > 5  # chi-square's rule of thumb
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    dof = keep.sum().item() - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
 
 
 def test_after_the_end_token_every_token_is_pad_and_masked():
