@@ -4,27 +4,37 @@ thin and faint and an exponential moving average on top, with the reference line
 
     python -m nanoalign.plot out/tiny/ppo out/tiny/grpo --keys score,gold,kl --out ppo_grpo.png
     python -m nanoalign.plot out/tiny --out tiny.png          # every stage of a pipeline run
+    python -m nanoalign.plot out/tiny/dpo --keys rewards/margins,logps/chosen+logps/rejected
     python -m nanoalign.plot my_run/metrics.jsonl --keys loss --smooth 0
+    python -m nanoalign.plot --reward_model out/tiny/rm/ckpt.pt --pairs data/world/prefs_val.jsonl
 
 Each path is a metrics.jsonl file, a stage's folder holding one, or a run's folder whose stage
-folders hold them. The x axis is the row's "step" (or "iter" for PPO and GRPO). Reference lines:
+folders hold them. The x axis is the row's "step" (or "iter" for PPO and GRPO). "a+b" draws the
+metrics a and b on one panel. Reference lines:
   loss of pretraining    the world's entropy floor and the unigram entropy (from the rows)
   loss of RM and DPO     log 2: the pairwise loss of a model that cannot tell the answers apart
                          (DPO starts there, since the policy equals the reference)
-  accuracies             0.5, a coin flip
-  ratio                  1: the new policy equals the one that sampled
+  accuracies, ratio      0.5, a coin flip; 1, the new policy equals the one that sampled
+--pairs (pairs with gold scores, as the world writes them) draws the reward model instead: its
+agreement with the judge by gold margin and kind of pair beside the labels' own, and P(chosen) =
+sigmoid(r_c - r_r) against the gold margin beside the annotators' sigmoid(margin / tau), which a
+perfect Bradley-Terry fit of their labels would learn.
 """
 
 import argparse
 import math
 import os
 
-from nanoalign import record
+from nanoalign import record, world
 
 # the metrics worth a first look, in panel order; --keys picks others
 DEFAULT_KEYS = ["loss", "val_loss", "accuracy", "val_accuracy", "rewards/margins", "score",
                 "gold", "kl"]
 ACCURACIES = ("accuracy", "val_accuracy", "rewards/accuracies", "gold_agreement")
+# |gold margin| buckets: train_rm's and world.json's
+MARGIN_BUCKETS = [(0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, math.inf)]
+# calibration bins of the signed gold margin (chosen minus rejected): open at both ends
+CALIBRATION_EDGES = [-math.inf] + [x / 4 for x in range(-6, 7)] + [math.inf]
 
 
 def find_metrics(path: str) -> list[tuple[str, str]]:
@@ -71,7 +81,7 @@ def reference_lines(key: str, rows: list[dict]) -> list[tuple[float, str]]:
     """(y, label) of the known reference values for this metric of these rows."""
     last = {k: v for r in rows for k, v in r.items()}  # the latest value of every column
     lines = []
-    if key in ("loss", "val_loss") and "entropy_floor" in last:
+    if key in ("loss", "val_loss") and last.get("entropy_floor") is not None:
         lines += [(last["entropy_floor"], "entropy floor"),
                   (last["unigram_entropy"], "unigram entropy")]
     pairwise = "rewards/margins" in last or "margin" in last  # DPO's and the RM's rows
@@ -89,67 +99,200 @@ def draw(ax, rows: list[dict], key: str, label: str, color, weight: float) -> bo
     xs, ys = series(rows, key)
     if not xs:
         return False
-    if weight > 0 and len(ys) > 2:
+    if weight > 0 and len(ys) >= 10:  # shorter series (evaluation rows): points, unsmoothed
         ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(xs, smooth(ys, weight), color=color, label=label)
     else:
-        ax.plot(xs, ys, color=color, label=label, marker="." if len(xs) < 20 else None)
+        ax.plot(xs, ys, color=color, label=label, marker="o" if len(xs) < 20 else None,
+                markersize=3)
     return True
 
 
-def plot(paths: list[str], keys: list[str] | None, out: str, weight: float = 0.8) -> list[str]:
-    """Write the PNG; returns the keys drawn (the panels)."""
+def figure(n_panels: int, cols: int = 3, width=4.2, height=3.0):
+    """A grid of n_panels axes (the spare ones hidden) on a non-interactive backend."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    cols = min(cols, n_panels)
+    width, height = (6, 4) if n_panels == 1 else (width, height)  # one panel: larger
+    rows = math.ceil(n_panels / cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(width * cols, height * rows))
+    for ax in list(axes.flat)[n_panels:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)[:n_panels]
+
+
+def save(fig, out: str, title: str = ""):
+    import matplotlib.pyplot as plt
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def draw_panels(panels: list, out: str, weight: float = 0.8, title: str = "", cols: int = 3,
+                logy: bool = False):
+    """panels: [(panel title, [(label, rows, key), ...])], one panel each, every curve with the
+    reference lines of its rows."""
+    import matplotlib.pyplot as plt
+    fig, axes = figure(len(panels), 2 if len(panels) == 4 else cols)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (name, curves) in zip(axes, panels):
+        refs = {}
+        for i, (label, rows, key) in enumerate(curves):
+            if draw(ax, rows, key, label, colors[i % len(colors)], weight):
+                refs.update({y: line for y, line in reference_lines(key, rows)})
+        for y, line in refs.items():
+            ax.axhline(y, color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(line, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7,
+                        color="grey", va="bottom")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("iteration" if any("iter" in r for r in curves[0][1][:1]) else "step")
+        ax.legend(fontsize=7)
+        if logy:  # plain numbers (0.6, 2) at the ticks, not powers of 10
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter("{x:g}")
+            ax.yaxis.set_minor_formatter("{x:g}")
+    save(fig, out, title)
+
+
+def plot(paths: list[str], keys: list[str] | None, out: str, weight: float = 0.8,
+         title: str = "", logy: bool = False) -> list[str]:
+    """Write the PNG; returns the keys drawn (the panels; "a+b" is one panel)."""
     runs = [(label, record.read_metrics(f)) for p in paths for label, f in find_metrics(p)]
     present = {k for _, rows in runs for r in rows for k in r}
     keys = keys or [k for k in DEFAULT_KEYS if k in present]
-    missing = [k for k in keys if k not in present]
+    missing = [k for spec in keys for k in spec.split("+") if k not in present]
     if missing or not keys:
         numeric = sorted({k for _, rows in runs for r in rows for k, v in r.items()
                           if isinstance(v, (int, float))})
         raise SystemExit(f"--keys: no run has {missing or 'any default metric'}; they have "
                          f"{', '.join(numeric)}")
-    cols = min(3, len(keys))
-    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, squeeze=False,
-                             figsize=(4.2 * cols, 3.2 * math.ceil(len(keys) / cols)))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, key in zip(axes.flat, keys):
-        refs = {}
-        for i, (label, rows) in enumerate(runs):
-            if draw(ax, rows, key, label, colors[i % len(colors)], weight):
-                refs.update({y: name for y, name in reference_lines(key, rows)})
-        for y, name in refs.items():
-            ax.axhline(y, color="grey", linestyle="--", linewidth=0.8)
-            ax.annotate(name, (0, y), xycoords=("axes fraction", "data"), fontsize=7,
-                        color="grey", va="bottom")
-        ax.set_title(key)
-        ax.set_xlabel("step or iteration")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    # a curve is named by its run, its metric or both, as its panel needs
+    name = lambda run, k, n: run if n == 1 else k if len(runs) == 1 else f"{run} {k}"
+    panels = [(spec.replace("+", ", "), [(name(label, k, spec.count("+") + 1), rows, k)
+                                         for label, rows in runs for k in spec.split("+")])
+              for spec in keys]
+    draw_panels(panels, out, weight, title, logy=logy)
     return keys
 
 
+# ---------------------------------------------------------------- the reward model on pairs
+def bucket_of(abs_margin: float) -> str:
+    """"0.25-0.5" for a |gold margin| of 0.3: the names of train_rm's gold_agreement_margin_*."""
+    return next(f"{lo}-{hi}" for lo, hi in MARGIN_BUCKETS if lo <= abs_margin < hi)
+
+
+def agreement(groups: list[str], gold_margins: list[float], rm_diffs: list[float]) -> dict:
+    """Per group: n, rm_gold (the RM ranks the pair as the gold judge does), rm_labels (the RM
+    ranks the labelled chosen answer first: its accuracy) and labels_gold (the label agrees with
+    the judge: the annotators' own agreement). Pairs the judge ties are left out; an RM tie
+    prefers the rejected answer, as in the RM stage."""
+    out = {}
+    for g, m, d in zip(groups, gold_margins, rm_diffs, strict=True):
+        if m == 0:
+            continue
+        out.setdefault(g, []).append({"rm_gold": (d > 0) == (m > 0), "rm_labels": d > 0,
+                                      "labels_gold": m > 0})
+    return {g: {"n": len(v)} | {k: sum(r[k] for r in v) / len(v) for k in v[0]}
+            for g, v in out.items()}
+
+
+def calibration(gold_margins: list[float], rm_diffs: list[float],
+                edges: list[float] = CALIBRATION_EDGES) -> list[dict]:
+    """The RM's P(chosen) = sigmoid(r_c - r_r) binned by the signed gold margin (chosen minus
+    rejected): per non-empty bin [lo, hi) its n, mean margin and mean P(chosen)."""
+    bins = []
+    for lo, hi in zip(edges, edges[1:]):
+        inside = [(m, d) for m, d in zip(gold_margins, rm_diffs, strict=True) if lo <= m < hi]
+        if inside:
+            bins.append({"lo": lo, "hi": hi, "n": len(inside),
+                         "margin": sum(m for m, _ in inside) / len(inside),
+                         "p_chosen": sum(world.sigmoid(d) for _, d in inside) / len(inside)})
+    return bins
+
+
+def score_pairs(rm_path: str, pairs_path: str) -> dict:
+    """The reward model's score difference r_c - r_r on every pair of the file, with the pairs'
+    gold margins and kinds (world.pair_kind); the file's pairs need gold_chosen/gold_rejected."""
+    from nanoalign import batching, data, evaluate, rl  # torch: only here
+    records = data.load_prefs(pairs_path)
+    if not all("gold_chosen" in r for r in records):
+        raise SystemExit(f"--pairs {pairs_path}: its pairs carry no gold scores (gold_chosen, "
+                         "gold_rejected), as the world's prefs_val.jsonl does")
+    rm = rl.load_reward_model(rm_path)
+    tok = record.checkpoint_tokenizer(record.load_checkpoint(rm_path))
+    pairs = batching.tokenize_all(batching.tokenize_pref, tok, records, rm[0].config.block_size)
+    chosen, rejected = evaluate.pair_rm_scores(rm, pairs, tok.pad_id, "cpu").T.tolist()
+    return {"diff": [c - r for c, r in zip(chosen, rejected)],
+            "margin": [r["gold_chosen"] - r["gold_rejected"] for r in records],
+            "kind": [world.pair_kind(rl.prompt_text(r["prompt"]), r["chosen"], r["rejected"])
+                     for r in records]}
+
+
+def plot_pairs(rm_path: str, pairs_path: str, out: str, title: str = "") -> dict:
+    """Three panels: agreement by |gold margin| bucket, by kind of pair, and calibration."""
+    s = score_pairs(rm_path, pairs_path)
+    m, d = s["margin"], s["diff"]
+    by = {"|gold margin|": agreement([bucket_of(abs(x)) for x in m], m, d),
+          "kind of pair": agreement(s["kind"], m, d)}
+    fig, axes = figure(3, 3, width=4.6, height=3.4)
+    bars = [("rm_gold", "RM agrees with gold"), ("rm_labels", "RM agrees with labels"),
+            ("labels_gold", "labels agree with gold")]
+    for ax, (what, rows) in zip(axes, by.items()):
+        names = sorted(rows, key=lambda g: (float(g.split("-")[0]) if what[0] == "|" else g))
+        for i, (k, label) in enumerate(bars):
+            ax.bar([j + (i - 1) * 0.27 for j in range(len(names))], [rows[g][k] for g in names],
+                   width=0.27, label=label)
+        ax.set_xticks(range(len(names)), [f"{g}\n(n={rows[g]['n']})" for g in names],
+                      fontsize=7)
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+        ax.set(ylim=(0.3, 1.3), title=f"agreement by {what}")  # room above bars for the legend
+        ax.legend(fontsize=7, loc="upper left")
+    ax = axes[2]
+    ax.scatter(m, [world.sigmoid(x) for x in d], s=3, alpha=0.15, color="tab:blue")
+    bins = calibration(m, d)
+    ax.plot([b["margin"] for b in bins], [b["p_chosen"] for b in bins], "o-", color="tab:blue",
+            label="reward model, binned")
+    world_json = os.path.join(os.path.dirname(os.path.abspath(pairs_path)), "world.json")
+    tau = record.read_json(world_json).get("annotator_tau") if os.path.exists(world_json) else None
+    if tau:
+        xs = [x / 50 for x in range(-100, 101)]
+        ax.plot(xs, [world.sigmoid(x / tau) for x in xs], color="black", linewidth=1,
+                label=f"annotators: sigmoid(m / {tau:g})")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    ax.set(xlim=(-2, 2), xlabel="gold margin m (chosen minus rejected)",
+           ylabel="P(chosen) = sigmoid(r_c - r_r)", title="calibration")
+    ax.legend(fontsize=7)
+    save(fig, out, title)
+    return by | {"calibration": bins}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Overlay the metrics of any runs in one PNG.",
-                                epilog="e.g. python -m nanoalign.plot out/a/ppo out/b/ppo "
-                                       "--keys score,kl --out ppo.png")
-    p.add_argument("paths", nargs="+", help="metrics.jsonl files, stage folders or run folders")
-    p.add_argument("--keys", default="", help="comma-separated metrics, one panel each "
-                   f"(default: those of {','.join(DEFAULT_KEYS)} that the runs have)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", help="metrics.jsonl files, stage folders or run folders")
+    p.add_argument("--keys", default="", help="comma-separated metrics, one panel each, a+b "
+                   f"on one (default: those of {','.join(DEFAULT_KEYS)} that the runs have)")
     p.add_argument("--out", default="plot.png", help="the PNG to write")
+    p.add_argument("--title", default="", help="a title above the panels")
+    p.add_argument("--logy", action="store_true", help="logarithmic y axes")
     p.add_argument("--smooth", type=float, default=0.8,
                    help="moving-average weight in [0, 1); 0 draws the raw values only")
+    p.add_argument("--pairs", default="", help="instead: preference pairs with gold scores...")
+    p.add_argument("--reward_model", default="out/tiny/rm/ckpt.pt",
+                   help="...scored by this reward model (with --pairs)")
     args = p.parse_args(argv)
     if not 0 <= args.smooth < 1:
         p.error(f"--smooth must be in [0, 1), got {args.smooth}")
-    keys = plot(args.paths, [k for k in args.keys.split(",") if k], args.out, args.smooth)
-    print(f"{args.out}: {', '.join(keys)}")
+    if not args.paths and not args.pairs:
+        p.error("give at least one run, stage folder or metrics.jsonl (or --pairs)")
+    drawn = (plot_pairs(args.reward_model, args.pairs, args.out, args.title) if args.pairs else
+             plot(args.paths, [k for k in args.keys.split(",") if k], args.out, args.smooth,
+                  args.title, args.logy))
+    print(f"{args.out}: {', '.join(drawn)}")
 
 
 if __name__ == "__main__":

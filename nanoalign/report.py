@@ -128,30 +128,27 @@ def report_markdown(report) -> str:
     return "\n".join(lines)
 
 
+# each stage's panels in training_curves.png; "a+b" shares a panel
+RUN_PANELS = {"pretrain": ["loss+val_loss"], "sft": ["loss+val_loss"],
+              "rm": ["loss", "accuracy+val_accuracy"],
+              "dpo": ["loss", "rewards/margins", "logps/chosen+logps/rejected"],
+              "ppo": ["score+gold", "kl"], "grpo": ["score+gold", "kl"], "rlvr": ["score", "kl"]}
+
+
 def plot_run(run_dir):
-    """PNG loss/metric curves of every stage found in run_dir (matplotlib, no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = {"pretrain": ["loss", "val_loss"], "sft": ["loss", "val_loss"],
-              "rm": ["loss", "accuracy"], "dpo": ["loss", "rewards/margins"],
-              "ppo": ["score", "gold", "kl"], "grpo": ["score", "gold", "kl"],
-              "rlvr": ["score", "kl"]}
-    panels = [(s, keys) for s, keys in panels.items()
-              if os.path.exists(os.path.join(run_dir, s, "metrics.jsonl"))]
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (stage, keys) in zip(list(axes) if len(panels) > 1 else [axes], panels):
-        rows = record.read_metrics(os.path.join(run_dir, stage, "metrics.jsonl"))
-        for key in keys:
-            plot.draw(ax, rows, key, label=key, color=None, weight=0)
-        ax.set_title(stage)
-        ax.set_xlabel("iteration" if stage in ("ppo", "grpo", "rlvr") else "step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "training_curves.png"), dpi=110)
-    plt.close(fig)
+    """training_curves.png: every stage found in run_dir, one panel per metric (or pair of
+    metrics), smoothed, with plot.py's reference lines (the entropy floor and the unigram entropy
+    on the pretraining loss, log 2 on the pairwise losses, chance on accuracies)."""
+    panels = []
+    for stage, specs in RUN_PANELS.items():
+        path = os.path.join(run_dir, stage, "metrics.jsonl")
+        rows = record.read_metrics(path) if os.path.exists(path) else []
+        for spec in specs:
+            keys = [k for k in spec.split("+") if any(k in r for r in rows)]
+            if keys:
+                panels.append((f"{stage}: {', '.join(keys)}", [(k, rows, k) for k in keys]))
+    if panels:
+        plot.draw_panels(panels, os.path.join(run_dir, "training_curves.png"), cols=4)
 
 
 # -------------------------------------------------------------------------------------- seeds

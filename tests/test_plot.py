@@ -30,14 +30,17 @@ def test_reference_lines_come_from_what_the_rows_are():
     assert plot.reference_lines("loss", dpo) == [(math.log(2), "log 2")]
     assert plot.reference_lines("loss", [{"step": 1, "loss": 2.0}]) == []  # SFT: none known
     assert plot.reference_lines("ratio", [{"iter": 1, "ratio": 1.0}]) == [(1.0, "ratio 1")]
+    # a pretraining run without the generator's log-probs has no floor (and draws no line at None)
+    assert plot.reference_lines("val_loss", [{"step": 1, "val_loss": 1.0, "entropy_floor": None,
+                                             "unigram_entropy": 4.5}]) == []
 
 
 def test_plot_overlays_runs_and_draws_their_values(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows_a = [{"iter": i, "score": float(i), "kl": 0.1 * i} for i in range(1, 6)]
-    rows_b = [{"iter": i, "score": -float(i)} for i in range(1, 6)]
+    rows_a = [{"iter": i, "score": float(i), "kl": 0.1 * i} for i in range(1, 13)]
+    rows_b = [{"iter": i, "score": -float(i)} for i in range(1, 13)]
     write_run(tmp_path / "a" / "ppo", rows_a)
     write_run(tmp_path / "b" / "grpo", rows_b)
     out = tmp_path / "cmp.png"
@@ -48,9 +51,12 @@ def test_plot_overlays_runs_and_draws_their_values(tmp_path):
     fig, ax = plt.subplots()
     assert plot.draw(ax, rows_b, "score", "b", "red", 0.5)
     raw, smoothed = ax.lines
-    assert list(raw.get_ydata()) == [-1.0, -2.0, -3.0, -4.0, -5.0]
+    assert list(raw.get_ydata()) == [-float(i) for i in range(1, 13)]
     assert list(smoothed.get_ydata()) == pytest.approx(plot.smooth(raw.get_ydata(), 0.5))
     assert not plot.draw(ax, rows_b, "kl", "b", "red", 0.5)  # b has no kl: nothing drawn
+    # a few evaluation rows are drawn as they are: smoothing 4 points would invent a curve
+    assert plot.draw(ax, rows_b[:4], "score", "b", "red", 0.5)
+    assert list(ax.lines[-1].get_ydata()) == [-1.0, -2.0, -3.0, -4.0] and len(ax.lines) == 3
     plt.close(fig)
 
 
@@ -63,3 +69,81 @@ def test_a_run_folder_expands_to_its_stages_and_bad_input_is_named(tmp_path, cap
         plot.main([str(tmp_path / "run"), "--keys", "nope", "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="expected a metrics.jsonl file"):
         plot.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figure plot.py would save, kept open for inspection: [figure]."""
+    figures = []
+    monkeypatch.setattr(plot, "save", lambda fig, out, title="": figures.append(fig))
+    return figures
+
+
+def test_a_shared_panel_carries_both_metrics_and_the_reference_lines_of_their_rows(tmp_path,
+                                                                                   drawn):
+    rows = [{"step": s, "loss": 6.0 - s / 10} for s in range(1, 31)]
+    rows[-1] |= {"val_loss": 3.2, "entropy_floor": 0.6, "unigram_entropy": 4.5}
+    write_run(tmp_path / "run" / "pretrain", rows)
+    assert plot.plot([str(tmp_path / "run" / "pretrain")], ["loss+val_loss"], "x.png",
+                     title="t") == ["loss+val_loss"]
+    (ax,) = [a for a in drawn[0].axes if a.get_visible()]
+    assert ax.get_title() == "loss, val_loss"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss", "val_loss"]
+    horizontal = sorted(line.get_ydata()[0] for line in ax.lines if len(set(line.get_ydata()))
+                        == 1 and line.get_linestyle() == "--")
+    assert horizontal == [0.6, 4.5]  # the entropy floor and the unigram entropy
+    with pytest.raises(SystemExit, match="no run has .'nope'."):
+        plot.plot([str(tmp_path / "run")], ["loss+nope"], "x.png")
+
+
+def test_the_pipelines_training_curves_get_the_reference_lines(tmp_path, drawn):
+    from nanoalign import report
+    pre = [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 21)]
+    pre[-1] |= {"val_loss": 3.1, "entropy_floor": 0.7, "unigram_entropy": 4.4}
+    write_run(tmp_path / "pretrain", pre)
+    write_run(tmp_path / "rm", [{"step": s, "loss": 0.69 - s / 100, "accuracy": 0.5 + s / 100,
+                                 "margin": s / 10} for s in range(1, 21)])
+    report.plot_run(str(tmp_path))
+    axes = {a.get_title(): a for a in drawn[0].axes if a.get_visible()}
+    assert set(axes) == {"pretrain: loss, val_loss", "rm: loss", "rm: accuracy"}
+    lines = {t: sorted(round(float(line.get_ydata()[0]), 4) for line in a.lines
+                       if line.get_linestyle() == "--") for t, a in axes.items()}
+    assert lines == {"pretrain: loss, val_loss": [0.7, 4.4], "rm: loss": [0.6931],
+                     "rm: accuracy": [0.5]}
+
+
+def test_agreement_and_calibration_count_by_hand():
+    margins = [0.1, -0.1, 0.3, 1.5, 0.0]  # gold_chosen - gold_rejected; the last a gold tie
+    diffs = [2.0, 1.0, -1.0, 0.0, 5.0]  # r_c - r_r; an RM tie (0.0) prefers the rejected
+    groups = [plot.bucket_of(abs(m)) for m in margins]
+    assert groups == ["0-0.25", "0-0.25", "0.25-0.5", "1.0-inf", "0-0.25"]
+    by = plot.agreement(groups, margins, diffs)
+    # 0-0.25: pair 1 RM and gold agree, pair 2 RM prefers the chosen, which gold ranks lower
+    assert by["0-0.25"] == {"n": 2, "rm_gold": 0.5, "rm_labels": 1.0, "labels_gold": 0.5}
+    assert by["0.25-0.5"] == {"n": 1, "rm_gold": 0.0, "rm_labels": 0.0, "labels_gold": 1.0}
+    assert by["1.0-inf"]["rm_gold"] == 0.0  # the RM tie counts against it
+    bins = plot.calibration(margins[:4], diffs[:4], edges=[-1, 0, 0.5, 2])
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    assert [(b["lo"], b["n"]) for b in bins] == [(-1, 1), (0, 2), (0.5, 1)]
+    assert bins[1]["margin"] == pytest.approx(0.2)
+    assert bins[1]["p_chosen"] == pytest.approx((sig(2.0) + sig(-1.0)) / 2)
+    assert bins[2]["p_chosen"] == 0.5
+
+
+def test_the_pairs_figure_agrees_with_the_rm_stages_own_gold_agreement(micro_run, tmp_path):
+    """plot --pairs scores the same held-out pairs as the RM stage's final evaluation, so its
+    agreement with the judge, overall and per margin bucket, is the stage's."""
+    from nanoalign import record
+    ckpt = str(micro_run / "rm" / "ckpt.pt")
+    stage = record.load_checkpoint(ckpt)["metrics"]
+    out = tmp_path / "rm.png"
+    by = plot.plot_pairs(ckpt, str(micro_run / "world" / "prefs_val.jsonl"), str(out))
+    buckets = by["|gold margin|"]
+    n = sum(b["n"] for b in buckets.values())
+    overall = sum(b["rm_gold"] * b["n"] for b in buckets.values()) / n
+    assert overall == pytest.approx(stage["gold_agreement"], abs=1.01 / n)
+    for name, b in buckets.items():
+        assert b["rm_gold"] == pytest.approx(stage[f"gold_agreement_margin_{name}"],
+                                             abs=1.01 / b["n"])
+    assert sum(b["n"] for b in by["kind of pair"].values()) == n
+    assert out.stat().st_size > 1000
