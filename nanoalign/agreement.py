@@ -13,10 +13,15 @@ Do the raters agree? Chance-corrected agreement over a labelling log (label.py's
 A judgement is "first", "second" (which answer won, named the same way for every rater whatever
 order each saw: by the pair's models, or by the answers' sorted texts for two samples of one
 model) or "tie"; a skip is no judgement. Each rater's last decision on a pair counts.
+
+A reward model is one more rater: by_group gives its agreement with the judge by gold margin or
+kind of pair, and calibration its P(chosen) against the gold margin (plot.py --pairs draws both).
 """
 
 import itertools
+import math
 
+from nanoalign import world
 from nanoalign.files import read_jsonl
 
 
@@ -93,3 +98,44 @@ def rater_agreement(path: str) -> dict:
     out["fleiss_kappa"] = None if why else fleiss_kappa(rows)
     out["fleiss_note"] = f"not computed: {why}" if why else f"{len(rows)} pairs x {sizes[0]} raters"
     return out
+
+
+# ---------------------------------------------------------------- a reward model against the judge
+# |gold margin| buckets: train_rm's and world.json's
+MARGIN_BUCKETS = [(0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, math.inf)]
+# calibration bins of the signed gold margin (chosen minus rejected): open at both ends
+CALIBRATION_EDGES = [-math.inf] + [x / 4 for x in range(-6, 7)] + [math.inf]
+
+
+def bucket_of(abs_margin: float) -> str:
+    """"0.25-0.5" for a |gold margin| of 0.3: the names of train_rm's gold_agreement_margin_*."""
+    return next(f"{lo}-{hi}" for lo, hi in MARGIN_BUCKETS if lo <= abs_margin < hi)
+
+
+def by_group(groups: list[str], gold_margins: list[float], rm_diffs: list[float]) -> dict:
+    """Per group: n, rm_gold (the RM ranks the pair as the gold judge does), rm_labels (the RM
+    ranks the labelled chosen answer first: its accuracy) and labels_gold (the label agrees with
+    the judge: the annotators' own agreement). Pairs the judge ties are left out; an RM tie
+    prefers the rejected answer, as in the RM stage."""
+    out = {}
+    for g, m, d in zip(groups, gold_margins, rm_diffs, strict=True):
+        if m == 0:
+            continue
+        out.setdefault(g, []).append({"rm_gold": (d > 0) == (m > 0), "rm_labels": d > 0,
+                                      "labels_gold": m > 0})
+    return {g: {"n": len(v)} | {k: sum(r[k] for r in v) / len(v) for k in v[0]}
+            for g, v in out.items()}
+
+
+def calibration(gold_margins: list[float], rm_diffs: list[float],
+                edges: list[float] = CALIBRATION_EDGES) -> list[dict]:
+    """The RM's P(chosen) = sigmoid(r_c - r_r) binned by the signed gold margin (chosen minus
+    rejected): per non-empty bin [lo, hi) its n, mean margin and mean P(chosen)."""
+    bins = []
+    for lo, hi in zip(edges, edges[1:]):
+        inside = [(m, d) for m, d in zip(gold_margins, rm_diffs, strict=True) if lo <= m < hi]
+        if inside:
+            bins.append({"lo": lo, "hi": hi, "n": len(inside),
+                         "margin": sum(m for m, _ in inside) / len(inside),
+                         "p_chosen": sum(world.sigmoid(d) for _, d in inside) / len(inside)})
+    return bins

@@ -144,10 +144,10 @@ def train_step(model, optimizer, loss, grad_clip: float) -> float:
 
 # ----------------------------------------------------------------------------------- peers
 # Shown with --peers when no --peer_python is given: a reference from another run, never a ratio
-TRL_REFERENCE = ("TRL 1.16 at these sizes, for reference only (2026-12-02, AMD EPYC with "
-                 "AVX512-BF16, 2 cores; another run, so no ratio): SFT 13.0-13.6k tokens/s, RM "
-                 "118-134 pairs/s, DPO 62-76 pairs/s, GRPO 61-69 completions/s, HF generate "
-                 "4.1-4.9k new tokens/s. Ratios: --peer_python PYTHON_WITH_TRL.")
+TRL_REFERENCE = ("TRL 1.16 at these sizes, for reference only (2026-12-03, Intel Xeon with "
+                 "AVX512-BF16/AMX, 2 cores; another run, so no ratio): SFT 17.0-19.7k tokens/s, "
+                 "RM 176-192 pairs/s, DPO 91-124 pairs/s, GRPO 92-94 completions/s, HF generate "
+                 "5.9-6.0k new tokens/s. Ratios: --peer_python PYTHON_WITH_TRL.")
 
 
 # Each of our rows and the figure of the TRL peer script (trl_bench.py) it sits beside: (our item,

@@ -18,23 +18,20 @@ metrics a and b on one panel. Reference lines:
 --pairs (pairs with gold scores, as the world writes them) draws the reward model instead: its
 agreement with the judge by gold margin and kind of pair beside the labels' own, and P(chosen) =
 sigmoid(r_c - r_r) against the gold margin beside the annotators' sigmoid(margin / tau), which a
-perfect Bradley-Terry fit of their labels would learn.
+perfect Bradley-Terry fit of their labels would learn. --report draws a pipeline's report.json:
+every model's gold score against its KL to SFT, the price each method paid for its gain.
 """
 
 import argparse
 import math
 import os
 
-from nanoalign import record, world
+from nanoalign import agreement, record, world
 
 # the metrics worth a first look, in panel order; --keys picks others
 DEFAULT_KEYS = ["loss", "val_loss", "accuracy", "val_accuracy", "rewards/margins", "score",
                 "gold", "kl"]
 ACCURACIES = ("accuracy", "val_accuracy", "rewards/accuracies", "gold_agreement")
-# |gold margin| buckets: train_rm's and world.json's
-MARGIN_BUCKETS = [(0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, math.inf)]
-# calibration bins of the signed gold margin (chosen minus rejected): open at both ends
-CALIBRATION_EDGES = [-math.inf] + [x / 4 for x in range(-6, 7)] + [math.inf]
 
 
 def find_metrics(path: str) -> list[tuple[str, str]]:
@@ -180,40 +177,6 @@ def plot(paths: list[str], keys: list[str] | None, out: str, weight: float = 0.8
 
 
 # ---------------------------------------------------------------- the reward model on pairs
-def bucket_of(abs_margin: float) -> str:
-    """"0.25-0.5" for a |gold margin| of 0.3: the names of train_rm's gold_agreement_margin_*."""
-    return next(f"{lo}-{hi}" for lo, hi in MARGIN_BUCKETS if lo <= abs_margin < hi)
-
-
-def agreement(groups: list[str], gold_margins: list[float], rm_diffs: list[float]) -> dict:
-    """Per group: n, rm_gold (the RM ranks the pair as the gold judge does), rm_labels (the RM
-    ranks the labelled chosen answer first: its accuracy) and labels_gold (the label agrees with
-    the judge: the annotators' own agreement). Pairs the judge ties are left out; an RM tie
-    prefers the rejected answer, as in the RM stage."""
-    out = {}
-    for g, m, d in zip(groups, gold_margins, rm_diffs, strict=True):
-        if m == 0:
-            continue
-        out.setdefault(g, []).append({"rm_gold": (d > 0) == (m > 0), "rm_labels": d > 0,
-                                      "labels_gold": m > 0})
-    return {g: {"n": len(v)} | {k: sum(r[k] for r in v) / len(v) for k in v[0]}
-            for g, v in out.items()}
-
-
-def calibration(gold_margins: list[float], rm_diffs: list[float],
-                edges: list[float] = CALIBRATION_EDGES) -> list[dict]:
-    """The RM's P(chosen) = sigmoid(r_c - r_r) binned by the signed gold margin (chosen minus
-    rejected): per non-empty bin [lo, hi) its n, mean margin and mean P(chosen)."""
-    bins = []
-    for lo, hi in zip(edges, edges[1:]):
-        inside = [(m, d) for m, d in zip(gold_margins, rm_diffs, strict=True) if lo <= m < hi]
-        if inside:
-            bins.append({"lo": lo, "hi": hi, "n": len(inside),
-                         "margin": sum(m for m, _ in inside) / len(inside),
-                         "p_chosen": sum(world.sigmoid(d) for _, d in inside) / len(inside)})
-    return bins
-
-
 def score_pairs(rm_path: str, pairs_path: str) -> dict:
     """The reward model's score difference r_c - r_r on every pair of the file, with the pairs'
     gold margins and kinds (world.pair_kind); the file's pairs need gold_chosen/gold_rejected."""
@@ -236,8 +199,8 @@ def plot_pairs(rm_path: str, pairs_path: str, out: str, title: str = "") -> dict
     """Three panels: agreement by |gold margin| bucket, by kind of pair, and calibration."""
     s = score_pairs(rm_path, pairs_path)
     m, d = s["margin"], s["diff"]
-    by = {"|gold margin|": agreement([bucket_of(abs(x)) for x in m], m, d),
-          "kind of pair": agreement(s["kind"], m, d)}
+    by = {"|gold margin|": agreement.by_group([agreement.bucket_of(abs(x)) for x in m], m, d),
+          "kind of pair": agreement.by_group(s["kind"], m, d)}
     fig, axes = figure(3, 3, width=4.6, height=3.4)
     bars = [("rm_gold", "RM agrees with gold"), ("rm_labels", "RM agrees with labels"),
             ("labels_gold", "labels agree with gold")]
@@ -253,7 +216,7 @@ def plot_pairs(rm_path: str, pairs_path: str, out: str, title: str = "") -> dict
         ax.legend(fontsize=7, loc="upper left")
     ax = axes[2]
     ax.scatter(m, [world.sigmoid(x) for x in d], s=3, alpha=0.15, color="tab:blue")
-    bins = calibration(m, d)
+    bins = agreement.calibration(m, d)
     ax.plot([b["margin"] for b in bins], [b["p_chosen"] for b in bins], "o-", color="tab:blue",
             label="reward model, binned")
     world_json = os.path.join(os.path.dirname(os.path.abspath(pairs_path)), "world.json")
@@ -270,6 +233,24 @@ def plot_pairs(rm_path: str, pairs_path: str, out: str, title: str = "") -> dict
     return by | {"calibration": bins}
 
 
+# ---------------------------------------------------------------- the models of a run
+def plot_report(path: str, out: str, title: str = "") -> list[str]:
+    """Each evaluated model of report.json as a point: gold score against KL to SFT (nats per
+    answer), with its win rate vs SFT: where online DPO lands beside offline DPO, a student
+    beside its teacher, on the plane of the sweep's frontier. The pretrained base model, tens of
+    nats away and never trained to answer, is left out so that the others can be told apart."""
+    stages = record.read_json(path)["stages"]
+    names = [n for n, s in stages.items() if "kl_to_sft" in s and n != "base"]
+    fig, (ax,) = figure(1)
+    for n in names:
+        s = stages[n]
+        ax.scatter(s["kl_to_sft"], s["gold_score"], label=f"{n} ({s['win_rate_vs_sft']:.2f})")
+    ax.set(xlabel="KL to SFT, nats per answer", ylabel="gold score")
+    ax.legend(fontsize=8, title="model (win rate vs SFT)", title_fontsize=8)
+    save(fig, out, title)
+    return names
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,12 +265,14 @@ def main(argv=None):
     p.add_argument("--pairs", default="", help="instead: preference pairs with gold scores...")
     p.add_argument("--reward_model", default="out/tiny/rm/ckpt.pt",
                    help="...scored by this reward model (with --pairs)")
+    p.add_argument("--report", default="", help="instead: a pipeline's report.json")
     args = p.parse_args(argv)
     if not 0 <= args.smooth < 1:
         p.error(f"--smooth must be in [0, 1), got {args.smooth}")
-    if not args.paths and not args.pairs:
-        p.error("give at least one run, stage folder or metrics.jsonl (or --pairs)")
+    if not (args.paths or args.pairs or args.report):
+        p.error("give a run, stage folder or metrics.jsonl (or --pairs, or --report)")
     drawn = (plot_pairs(args.reward_model, args.pairs, args.out, args.title) if args.pairs else
+             plot_report(args.report, args.out, args.title) if args.report else
              plot(args.paths, [k for k in args.keys.split(",") if k], args.out, args.smooth,
                   args.title, args.logy))
     print(f"{args.out}: {', '.join(drawn)}")

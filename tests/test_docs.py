@@ -186,3 +186,35 @@ def test_documented_command_runs(where, line, words, docs_run, monkeypatch):
         module.main(argv)
     except SystemExit as e:
         assert e.code in (0, None), f"{where}:{line}: `{' '.join(words)}` exited with {e.code}"
+
+
+def script_commands(path: Path) -> list[list[str]]:
+    """The shell words of each `python -m nanoalign.` line of a bash script, continuation lines
+    joined and $F replaced by its value."""
+    text = path.read_text().replace("\\\n", " ")
+    value = re.search(r"^F=(\S+)$", text, re.M).group(1)
+    return [shlex.split(line.split(" #")[0].replace("$F", value))
+            for line in text.splitlines() if line.startswith("python -m nanoalign.")]
+
+
+def test_every_figure_comes_from_the_one_script_and_each_of_its_commands_is_documented():
+    """tutorials/make_figures.sh is the one source of every figure: each image that the docs
+    show from tutorials/figures/ is written by one of its lines, each of its plot commands is
+    shown (and so run above) by the chapter beside its figure, and each chapter's command that
+    writes into tutorials/figures/ is one of the script's."""
+    script = script_commands(ROOT / "tutorials" / "make_figures.sh")
+    text = (ROOT / "tutorials" / "make_figures.sh").read_text()
+    written = {Path(w[w.index("--out") + 1]).name for w in script if "--out" in w}
+    copied = set(re.findall(r"(\w+\.png)", " ".join(l for l in text.splitlines()
+                                                  if l.startswith("cp "))))
+    shown = {name for path in DOCS
+             for name in re.findall(r"\]\((?:\.\./tutorials/)?figures/([\w-]+\.png)\)",
+                                    path.read_text())}
+    assert shown <= written | copied, f"figures no script line makes: {shown - written - copied}"
+    documented = [w for _, _, w in COMMANDS]
+    for words in script:
+        assert words in documented, f"make_figures.sh runs a command no doc shows: {words}"
+    for where, line, words in COMMANDS:
+        out = words[words.index("--out") + 1] if "--out" in words else ""
+        if out.startswith("tutorials/figures/"):
+            assert words in script, f"{where}:{line} draws {out} outside make_figures.sh"

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from nanoalign import plot
+from nanoalign import agreement, plot
 
 
 def write_run(folder, rows):
@@ -115,14 +115,14 @@ def test_the_pipelines_training_curves_get_the_reference_lines(tmp_path, drawn):
 def test_agreement_and_calibration_count_by_hand():
     margins = [0.1, -0.1, 0.3, 1.5, 0.0]  # gold_chosen - gold_rejected; the last a gold tie
     diffs = [2.0, 1.0, -1.0, 0.0, 5.0]  # r_c - r_r; an RM tie (0.0) prefers the rejected
-    groups = [plot.bucket_of(abs(m)) for m in margins]
+    groups = [agreement.bucket_of(abs(m)) for m in margins]
     assert groups == ["0-0.25", "0-0.25", "0.25-0.5", "1.0-inf", "0-0.25"]
-    by = plot.agreement(groups, margins, diffs)
+    by = agreement.by_group(groups, margins, diffs)
     # 0-0.25: pair 1 RM and gold agree, pair 2 RM prefers the chosen, which gold ranks lower
     assert by["0-0.25"] == {"n": 2, "rm_gold": 0.5, "rm_labels": 1.0, "labels_gold": 0.5}
     assert by["0.25-0.5"] == {"n": 1, "rm_gold": 0.0, "rm_labels": 0.0, "labels_gold": 1.0}
     assert by["1.0-inf"]["rm_gold"] == 0.0  # the RM tie counts against it
-    bins = plot.calibration(margins[:4], diffs[:4], edges=[-1, 0, 0.5, 2])
+    bins = agreement.calibration(margins[:4], diffs[:4], edges=[-1, 0, 0.5, 2])
     sig = lambda x: 1 / (1 + math.exp(-x))
     assert [(b["lo"], b["n"]) for b in bins] == [(-1, 1), (0, 2), (0.5, 1)]
     assert bins[1]["margin"] == pytest.approx(0.2)
@@ -147,3 +147,23 @@ def test_the_pairs_figure_agrees_with_the_rm_stages_own_gold_agreement(micro_run
                                              abs=1.01 / b["n"])
     assert sum(b["n"] for b in by["kind of pair"].values()) == n
     assert out.stat().st_size > 1000
+
+
+def test_the_report_figure_puts_each_evaluated_model_at_its_kl_and_gold(tmp_path, monkeypatch):
+    """plot --report: one point per model of report.json at (KL to SFT, gold score), labelled
+    with its win rate; the base model (off the scale) and a stage without an evaluation are left
+    out."""
+    stages = {"base": {"gold_score": -1.4, "kl_to_sft": 72.8, "win_rate_vs_sft": 0.02},
+              "sft": {"gold_score": 0.4, "kl_to_sft": 0.0, "win_rate_vs_sft": 0.5},
+              "dpo": {"gold_score": 0.7, "kl_to_sft": 2.1, "win_rate_vs_sft": 0.66},
+              "online_dpo": {"gold_score": 0.85, "kl_to_sft": 2.5, "win_rate_vs_sft": 0.76},
+              "rm": {"gold_agreement": 0.79}}
+    (tmp_path / "report.json").write_text(json.dumps({"stages": stages}))
+    drawn = []
+    monkeypatch.setattr(plot, "save", lambda fig, out, title="": drawn.append(fig))
+    assert plot.main(["--report", str(tmp_path / "report.json")]) is None
+    (ax,) = drawn[0].axes
+    points = [tuple(c.get_offsets()[0]) for c in ax.collections]
+    assert points == [(0.0, 0.4), (2.1, 0.7), (2.5, 0.85)]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["sft (0.50)", "dpo (0.66)", "online_dpo (0.76)"]
