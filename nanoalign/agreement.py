@@ -101,7 +101,8 @@ def rater_agreement(path: str) -> dict:
 
 
 # ---------------------------------------------------------------- a reward model against the judge
-# |gold margin| buckets: train_rm's and world.json's
+# |gold margin| buckets of train_rm's gold agreement (world.py keeps its own copy: editing
+# world.py changes the world's hash and so regenerates every world)
 MARGIN_BUCKETS = [(0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, math.inf)]
 # calibration bins of the signed gold margin (chosen minus rejected): open at both ends
 CALIBRATION_EDGES = [-math.inf] + [x / 4 for x in range(-6, 7)] + [math.inf]

@@ -32,6 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoalign import common, config, record
+from nanoalign.agreement import MARGIN_BUCKETS
 from nanoalign.batching import pad, tokenize_all, tokenize_pref, tokenize_sft
 from nanoalign.data import load_prefs, load_sft
 from nanoalign.model import GPT, set_dropout
@@ -100,7 +101,7 @@ def evaluate_pairs(model, pairs, gold, pad_id, device, batch_size=64):
         agree = (diff > 0) == (gold_margin > 0)
         known = gold_margin != 0
         out["gold_agreement"] = agree[known].float().mean().item()
-        for lo, hi in [(0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, float("inf"))]:
+        for lo, hi in MARGIN_BUCKETS:
             bucket = known & (gold_margin.abs() >= lo) & (gold_margin.abs() < hi)
             if bucket.any():
                 out[f"gold_agreement_margin_{lo}-{hi}"] = agree[bucket].float().mean().item()
