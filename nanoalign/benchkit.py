@@ -155,7 +155,7 @@ TRL_REFERENCE = ("TRL 1.16 at these sizes, for reference only (2026-12-03, Intel
 # a plain PyTorch loop, generation is HF `generate`: no TRL in either, the model code alone.
 PEER_FIGURES = [("pretrain fp32", "raw", ["tokens_per_s"]), ("sft", "sft", ["tokens_per_s"]),
                 ("rm", "rm", ["pairs_per_s"]), ("dpo", "dpo", ["pairs_per_s"]),
-                ("grpo", "grpo", ["completions_per_s"]),
+                ("grpo", "grpo", ["completions_per_s"]), ("ppo", "ppo", ["rollouts_per_s"]),
                 ("generate cache sampled", "gen", ["use_cache=True", "new_tokens_per_s"]),
                 ("generate no-cache sampled", "gen", ["use_cache=False", "new_tokens_per_s"])]
 
@@ -236,7 +236,7 @@ def peers_side_by_side(args, run, sections) -> dict:
                          "the TRL benchmark script: docs/speed.md)")
     args.peers = True
     stages = {"pretrain": "raw", "generate": "gen", "sft": "sft", "rm": "rm", "dpo": "dpo",
-              "grpo": "grpo"}
+              "grpo": "grpo", "ppo": "ppo"}
     wanted = [stages[s] for s in (args.only.split(",") if args.only else sections) if s in stages]
     with tempfile.TemporaryDirectory() as work:
         result = side_by_side(lambda: run(args), lambda: run_peer(

@@ -55,7 +55,9 @@ with open(os.environ["PEER_CALLS"], "a") as f:  # who ran when, and with which s
     f.write(json.dumps({"stages": a.stage}) + "\\n")
 n = sum(1 for _ in open(os.environ["PEER_CALLS"]))
 runs = {"rm": {"pairs_per_s": 10.0 * n, "versions": {"trl": "9.9"}},
-        "raw": {"tokens_per_s": 1000.0 * n}}
+        "raw": {"tokens_per_s": 1000.0 * n},
+        # TRL >= 1.13 has no PPO trainer: the stage reports an error and no figure
+        "ppo": {"rollouts_per_s": 5.0} if os.environ.get("PEER_PPO") else {"error": "gone"}}
 json.dump({"stages": {s: {"runs": [runs[s]]} for s in a.stage}}, open(a.results, "w"))
 '''
 
@@ -82,9 +84,49 @@ def test_peers_side_by_side_alternates_and_takes_each_ratio_within_its_round(tmp
     assert "TRL 9.9" in out and "ratio" in out and "for reference only" not in out
 
 
+def test_ppo_sits_beside_a_peer_that_has_a_ppo_trainer_and_only_then(tmp_path, monkeypatch):
+    script = tmp_path / "peer.py"
+    script.write_text(FAKE_PEER)
+    monkeypatch.setenv("PEER_CALLS", str(tmp_path / "calls.jsonl"))
+    argv = ["--quick", "--only", "ppo", "--rounds", "1", "--peer_python", sys.executable,
+            "--peer_script", str(script)]
+    assert bench.main(argv)["table"] == []  # the newest TRL: no figure, so no ratio
+    monkeypatch.setenv("PEER_PPO", "1")  # TRL 1.12
+    (row,) = bench.main(argv)["table"]
+    assert row["item"] == "ppo" and row["trl"] == [5.0]
+    assert row["ratio"] == [row["ours"][0] / 5.0]
+
+
 def test_without_a_peer_python_trl_is_a_reference_line_and_never_a_ratio(capsys):
     bench.main(["--quick", "--peers", "--only", "rm"])
     out = capsys.readouterr().out
     assert "for reference only" in out and "no ratio" in out and "x " not in out.split("\n")[-1]
     with pytest.raises(SystemExit, match="no such file"):
         bench.main(["--quick", "--peer_python", sys.executable, "--peer_script", "/no/such.py"])
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the folder is not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_scripts_run_and_print_their_figures(capsys):
+    # what docs/speed.md quotes from each script; no timing is asserted, only that each prints it
+    load_benchmark("decode_floor").main(["--batches", "2", "--top", "3", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "batch 2:" in out and "profiled self time: " in out and "x the read" in out
+    load_benchmark("profile_step").main(["--batch", "2", "--seq", "16", "--n_layer", "1",
+                                         "--n_embd", "32", "--vocab", "64", "--steps", "2"])
+    out = capsys.readouterr().out
+    shares = [float(line.split()[-1].rstrip("%")) for line in out.splitlines()[1:]]
+    assert "MFU" in out and "matmul" in out and abs(sum(shares) - 100) < 0.5
+    load_benchmark("generate_ab").main(["--base", "HEAD", "--batches", "2", "--new", "8",
+                                        "--rounds", "1", "--repeats", "1", "--kv_batches", "2"])
+    out = capsys.readouterr().out
+    assert out.count("B/A") == 3 and "KV cache vs none, batch 2" in out
