@@ -3,7 +3,7 @@ The whole pipeline in one command, on the built-in world:
 
     world -> tokenizer -> pretrain -> SFT -> reward model -> PPO, DPO (, GRPO) -> evaluate -> report
 
-    python -m nanoalign.pipeline                  # the tiny preset: about 10 minutes on 2 CPU cores
+    python -m nanoalign.pipeline                  # the tiny preset: about 6 minutes on 2 CPU cores
     python -m nanoalign.pipeline --preset micro --out out/micro  # seconds per stage (the tests')
     python -m nanoalign.pipeline --sweep          # reward-KL frontier + over-optimisation (30 min)
     python -m nanoalign.pipeline --seeds 3        # three seeds, every figure as mean ± 95% CI
