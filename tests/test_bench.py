@@ -118,7 +118,7 @@ def load_benchmark(name: str):
 
 def test_the_benchmark_scripts_run_and_print_their_figures(capsys):
     # what docs/speed.md quotes from each script; no timing is asserted, only that each prints it
-    load_benchmark("decode_floor").main(["--batches", "2", "--top", "3", "--threads", "1"])
+    load_benchmark("decode_floor").main(["--batches", "2", "--top", "3"])
     out = capsys.readouterr().out
     assert "batch 2:" in out and "profiled self time: " in out and "x the read" in out
     load_benchmark("profile_step").main(["--batch", "2", "--seq", "16", "--n_layer", "1",
